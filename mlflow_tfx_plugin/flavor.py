@@ -1,0 +1,458 @@
+"""The ``tfx`` flavor: save, log and load Transformers models as MLflow models.
+
+Saved layout (the artifact root)::
+
+    MLmodel                 flavors: tfx, transformers (stock-compatible), python_function
+    model/                  a plain Hugging Face checkpoint: config, safetensors weights,
+                            tokenizer/processor files, generation config, chat template
+    peft/                   the PEFT adapter, for PEFT models (base weights are in model/)
+    components/<name>/      preprocessor copies where stock ``mlflow.transformers`` looks
+    model_card.md, LICENSE.txt, requirements.txt, conda.yaml, python_env.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from mlflow import pyfunc
+from mlflow.models import Model, ModelInputExample, ModelSignature, infer_signature
+from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
+
+from mlflow_tfx_plugin import _compat
+from mlflow_tfx_plugin.errors import InvalidInputError, TfxError
+from mlflow_tfx_plugin.flavor_config import (
+    FLAVOR_NAME,
+    MODEL_DIR,
+    STOCK_FLAVOR_NAME,
+    FlavorConfig,
+)
+from mlflow_tfx_plugin.loading import as_torch_dtype, load_components, read_flavor_config
+from mlflow_tfx_plugin.model_card import write_model_card
+from mlflow_tfx_plugin.pyfunc import TfxPyfuncModel, to_python
+from mlflow_tfx_plugin.requirements import get_default_pip_requirements
+from mlflow_tfx_plugin.saving import ModelSource, resolve_source, write_model_files
+from mlflow_tfx_plugin.tasks import TaskAdapter, get_adapter
+
+_logger = logging.getLogger(__name__)
+
+PROMPT_TEMPLATE_KEY = "prompt_template"
+ReturnType = Literal["pipeline", "components"]
+
+
+def save_model(
+    transformers_model: Any,
+    path: str | os.PathLike[str],
+    *,
+    task: str | None = None,
+    save_pretrained: bool = True,
+    processor: Any = None,
+    torch_dtype: Any = None,
+    model_config: Mapping[str, Any] | None = None,
+    prompt_template: str | None = None,
+    signature: ModelSignature | None = None,
+    input_example: ModelInputExample | None = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    conda_env: Any = None,
+    code_paths: list[str] | None = None,
+    mlflow_model: Model | None = None,
+    metadata: dict[str, Any] | None = None,
+    convert_pickle_weights: bool = False,
+    validate_serving_input: bool = True,
+    _hardlink_weights: bool = False,
+) -> None:
+    """Save a Transformers model as an MLflow model in a local directory.
+
+    Args:
+        transformers_model: a ``transformers.Pipeline``; a dict of components (``model``,
+            ``tokenizer``, ``feature_extractor``, ``image_processor``, ``processor``); or the
+            path of a local checkpoint directory, which is copied without loading weights.
+        path: the directory to create. It must not exist or be empty.
+        task: the native task (inferred from the pipeline or ``config.json`` when omitted).
+        save_pretrained: save the weights. ``False`` (reference-only) is not supported yet.
+        processor: an optional processor saved beside the model.
+        torch_dtype: the dtype to load the model with, e.g. ``torch.bfloat16``.
+        model_config: default call parameters, overridable per predict call via ``params``.
+        prompt_template: a template with a ``{prompt}`` placeholder, applied at predict time.
+        signature: the model signature; inferred per task when omitted.
+        input_example: an example input, saved with the model and used to infer the signature.
+        pip_requirements: override the default pip requirements.
+        extra_pip_requirements: requirements added to the defaults.
+        conda_env: a conda environment (dict or YAML path) instead of pip requirements.
+        code_paths: local code paths saved with the model.
+        mlflow_model: the MLflow Model to add the flavor to (used by ``log_model``).
+        metadata: custom metadata stored in MLmodel.
+        convert_pickle_weights: convert a checkpoint's ``*.bin`` weights to safetensors
+            (loaded with ``torch.load(weights_only=True)``) instead of refusing them.
+        validate_serving_input: accepted for ``Model.log``; validation happens there.
+
+    Raises:
+        InvalidInputError: bad arguments (each error names the argument and the fix). No
+            partially written model is left behind.
+
+    Example:
+        >>> import mlflow_tfx_plugin as tfx
+        >>> tfx.save_model("./my-checkpoint", "./saved", task="text-generation")  # doctest: +SKIP
+    """
+    del validate_serving_input
+    _compat.validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
+    if not save_pretrained:
+        raise InvalidInputError(
+            "save_pretrained=False (reference-only logging) is not supported yet; save the weights "
+            "with save_pretrained=True.",
+            param="save_pretrained",
+        )
+    source = resolve_source(transformers_model, task=task, processor=processor)
+    template = _validate_prompt_template(prompt_template, source.adapter)
+    target = Path(path).absolute()
+    _compat.validate_and_prepare_target_save_path(str(target))
+    try:
+        _save(
+            source,
+            target,
+            mlflow_model=mlflow_model or Model(),
+            options=_SaveOptions(
+                torch_dtype=_dtype_name(torch_dtype),
+                model_config=dict(model_config or {}),
+                prompt_template=template,
+                signature=signature,
+                input_example=input_example,
+                metadata=metadata,
+                code_paths=code_paths,
+                hardlink=_hardlink_weights,
+                convert_pickle_weights=convert_pickle_weights,
+            ),
+            env=(conda_env, pip_requirements, extra_pip_requirements),
+        )
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def log_model(
+    transformers_model: Any,
+    name: str | None = None,
+    *,
+    task: str | None = None,
+    save_pretrained: bool = True,
+    input_example: ModelInputExample | None = None,
+    signature: ModelSignature | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    prompt_template: str | None = None,
+    torch_dtype: Any = None,
+    processor: Any = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    conda_env: Any = None,
+    code_paths: list[str] | None = None,
+    registered_model_name: str | None = None,
+    await_registration_for: int = 300,
+    metadata: dict[str, Any] | None = None,
+    convert_pickle_weights: bool = False,
+    params: dict[str, Any] | None = None,
+    tags: dict[str, Any] | None = None,
+    model_type: str | None = None,
+    step: int = 0,
+    model_id: str | None = None,
+) -> ModelInfo:
+    """Log a Transformers model to the active run (or a new one) as an MLflow model.
+
+    Takes the same model arguments as :func:`save_model`, plus MLflow's logging options
+    (``name``, ``registered_model_name``, ``params``, ``tags``, ...). A checkpoint directory
+    is logged without loading its weights: they are hard-linked into MLflow's temporary
+    save directory where the file system allows, and streamed to the artifact store.
+
+    Returns:
+        The :class:`mlflow.models.model.ModelInfo` of the logged model; its
+        ``flavors["tfx"]`` holds the task, source and weights manifest.
+
+    Example:
+        >>> import mlflow, mlflow_tfx_plugin as tfx
+        >>> with mlflow.start_run():  # doctest: +SKIP
+        ...     info = tfx.log_model(pipe, name="model", input_example="Hello")
+    """
+    is_checkpoint = isinstance(transformers_model, (str, os.PathLike))
+    return Model.log(
+        artifact_path=None,
+        name=name,
+        flavor=sys.modules[__name__],
+        registered_model_name=registered_model_name,
+        await_registration_for=await_registration_for,
+        metadata=metadata,
+        params=params,
+        tags=tags,
+        model_type=model_type,
+        step=step,
+        model_id=model_id,
+        transformers_model=transformers_model,
+        task=task,
+        save_pretrained=save_pretrained,
+        input_example=input_example,
+        signature=signature,
+        model_config=model_config,
+        prompt_template=prompt_template,
+        torch_dtype=torch_dtype,
+        processor=processor,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        convert_pickle_weights=convert_pickle_weights,
+        # Validating the serving input would load the whole checkpoint we avoid loading.
+        validate_serving_input=not is_checkpoint,
+        _hardlink_weights=True,
+    )
+
+
+def load_model(
+    model_uri: str,
+    dst_path: str | None = None,
+    return_type: ReturnType = "pipeline",
+    device: Any = None,
+    torch_dtype: Any = None,
+    **from_pretrained_kwargs: Any,
+) -> Any:
+    """Load a model saved by this flavor (or by stock ``mlflow.transformers``) natively.
+
+    Args:
+        model_uri: any MLflow model URI (``runs:/``, ``models:/``, a local path, ...).
+        dst_path: where to download the artifacts; a temporary directory by default.
+        return_type: ``"pipeline"`` for a ready-to-call pipeline (the flavor's own runner
+            for tasks transformers 5 dropped), ``"components"`` for a dict of ``model``,
+            ``tokenizer``, ... plus ``task``.
+        device: the device to load onto (``"cpu"``, ``"cuda:0"``, ``0``).
+        torch_dtype: overrides the dtype saved with the model.
+        from_pretrained_kwargs: forwarded to ``from_pretrained`` (``device_map``,
+            ``attn_implementation``, ``trust_remote_code``, ...).
+
+    Example:
+        >>> pipe = tfx.load_model("models:/my-model/1", device="cpu")  # doctest: +SKIP
+    """
+    if return_type not in ("pipeline", "components"):
+        raise InvalidInputError(
+            f"return_type must be 'pipeline' or 'components', got {return_type!r}.",
+            param="return_type",
+        )
+    local_path = Path(_compat.download_artifact_from_uri(model_uri, output_path=dst_path))
+    config = read_flavor_config(local_path)
+    components = load_components(
+        local_path, config, device=device, torch_dtype=torch_dtype, **from_pretrained_kwargs
+    )
+    if return_type == "components":
+        return {**components, "task": config.task}
+    return get_adapter(config.task).build_runner(components)
+
+
+def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> TfxPyfuncModel:
+    """Entry point for ``mlflow.pyfunc.load_model``: the model as a pyfunc predictor."""
+    local_path = Path(path)
+    config = read_flavor_config(local_path)
+    components = load_components(local_path, config)
+    adapter_cls = get_adapter(config.task)
+    adapter = adapter_cls(
+        adapter_cls.build_runner(components),
+        model_config=model_config,
+        prompt_template=_read_prompt_template(local_path),
+    )
+    return TfxPyfuncModel(adapter)
+
+
+def generate_signature_output(
+    pipeline: Any,
+    data: Any,
+    model_config: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Any:
+    """Run ``data`` through a pipeline the way pyfunc predict would, to infer a signature.
+
+    Example:
+        >>> out = tfx.generate_signature_output(pipe, "Hello")  # doctest: +SKIP
+        >>> mlflow.models.infer_signature("Hello", out)  # doctest: +SKIP
+    """
+    task = getattr(pipeline, "task", None)
+    if task is None:
+        raise InvalidInputError(
+            f"Cannot tell the task of {type(pipeline).__name__}; pass a transformers pipeline.",
+            param="pipeline",
+        )
+    adapter = get_adapter(task)(pipeline, model_config=model_config)
+    return adapter.predict(to_python(data), params)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SaveOptions:
+    """What save_model was asked to do besides writing the weights."""
+
+    torch_dtype: str | None
+    model_config: dict[str, Any]
+    prompt_template: str | None
+    signature: ModelSignature | None
+    input_example: Any
+    metadata: dict[str, Any] | None
+    code_paths: list[str] | None
+    hardlink: bool
+    convert_pickle_weights: bool
+
+
+def _save(
+    source: ModelSource,
+    path: Path,
+    *,
+    mlflow_model: Model,
+    options: _SaveOptions,
+    env: tuple[Any, Any, Any],
+) -> None:
+    """Write a validated source: 1. files, 2. signature/example, 3. MLmodel, 4. environment."""
+    path.mkdir(parents=True, exist_ok=True)
+    code_dir = _compat.validate_and_copy_code_paths(options.code_paths, str(path))
+    weights = write_model_files(
+        source,
+        path,
+        hardlink=options.hardlink,
+        convert_pickle_weights=options.convert_pickle_weights,
+    )
+    write_model_card(source.card_dir, path)
+    config = source.flavor_config(weights=weights, torch_dtype=options.torch_dtype)
+    _add_signature_and_example(source, path, mlflow_model, options)
+    _add_flavors(mlflow_model, config, options, code_dir)
+    mlflow_model.save(str(path / MLMODEL_FILE_NAME))
+    _write_environment(path, source, *env)
+
+
+def _add_signature_and_example(
+    source: ModelSource, path: Path, mlflow_model: Model, options: _SaveOptions
+) -> None:
+    adapter = source.adapter
+    if options.signature is not None:
+        mlflow_model.signature = options.signature
+    elif options.input_example is not None and source.components is not None:
+        output = _example_output(source, options)
+        params = adapter.params_schema(options.model_config)
+        mlflow_model.signature = infer_signature(
+            to_python(options.input_example), output, params=_params_example(params)
+        )
+        mlflow_model.signature.params = params
+    else:
+        mlflow_model.signature = adapter.default_signature(options.model_config)
+    if options.input_example is not None:
+        _compat.save_example(mlflow_model, options.input_example, str(path))
+
+
+def _example_output(source: ModelSource, options: _SaveOptions) -> Any:
+    adapter_cls = source.adapter
+    runner = source.pipeline or adapter_cls.build_runner(source.components or {})
+    adapter = adapter_cls(
+        runner, model_config=options.model_config, prompt_template=options.prompt_template
+    )
+    try:
+        return adapter.predict(to_python(options.input_example))
+    except TfxError:
+        raise
+    except Exception as err:
+        raise InvalidInputError(
+            f"Running the input_example through the model failed: {err}. Check that the example "
+            f"matches the '{adapter_cls.task}' input format, or pass `signature=` instead.",
+            param="input_example",
+        ) from err
+
+
+def _params_example(params: Any) -> dict[str, Any] | None:
+    if params is None:
+        return None
+    return {spec.name: spec.default for spec in params.params if spec.default is not None} or None
+
+
+def _add_flavors(
+    mlflow_model: Model, config: FlavorConfig, options: _SaveOptions, code_dir: str | None
+) -> None:
+    import transformers
+
+    config.transformers_version = transformers.__version__
+    mlflow_model.add_flavor(FLAVOR_NAME, **config.to_dict())
+    mlflow_model.add_flavor(STOCK_FLAVOR_NAME, **config.to_stock_dict())
+    if options.metadata:
+        mlflow_model.metadata = {**(mlflow_model.metadata or {}), **options.metadata}
+    if options.prompt_template:
+        mlflow_model.metadata = {
+            **(mlflow_model.metadata or {}),
+            PROMPT_TEMPLATE_KEY: options.prompt_template,
+        }
+    pyfunc.add_to_model(
+        mlflow_model,
+        loader_module="mlflow_tfx_plugin",
+        conda_env=_compat.CONDA_ENV_FILE_NAME,
+        python_env=_compat.PYTHON_ENV_FILE_NAME,
+        code=code_dir,
+        model_config=options.model_config or None,
+    )
+
+
+def _write_environment(
+    path: Path, source: ModelSource, conda_env: Any, pip_requirements: Any, extra: Any
+) -> None:
+    import yaml
+
+    if conda_env is None:
+        defaults = None
+        if pip_requirements is None:
+            defaults = get_default_pip_requirements(
+                source.components, task=source.adapter.task, peft=source.is_peft
+            )
+        conda_env, requirements, constraints = _compat.process_pip_requirements(
+            defaults, pip_requirements, extra
+        )
+    else:
+        conda_env, requirements, constraints = _compat.process_conda_env(conda_env)
+    with open(path / _compat.CONDA_ENV_FILE_NAME, "w") as f:
+        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+    if constraints:
+        (path / _compat.CONSTRAINTS_FILE_NAME).write_text("\n".join(constraints))
+    (path / _compat.REQUIREMENTS_FILE_NAME).write_text("\n".join(requirements))
+    _compat.PythonEnv.current().to_yaml(str(path / _compat.PYTHON_ENV_FILE_NAME))
+
+
+def _validate_prompt_template(template: str | None, adapter: type[TaskAdapter]) -> str | None:
+    if template is None:
+        return None
+    if not adapter.supports_prompt_template:
+        raise InvalidInputError(
+            f"prompt_template is not supported for task '{adapter.task}'; it applies to text "
+            "generation, seq2seq generation, fill-mask and feature-extraction models.",
+            param="prompt_template",
+        )
+    try:
+        if template.format(prompt="") == template or "{prompt}" not in template:
+            raise KeyError("prompt")
+    except (KeyError, IndexError, ValueError) as err:
+        raise InvalidInputError(
+            f"prompt_template must contain exactly the placeholder '{{prompt}}' and no other "
+            f"braces (use '{{{{' for a literal brace); got {template!r}.",
+            param="prompt_template",
+        ) from err
+    return template
+
+
+def _read_prompt_template(path: Path) -> str | None:
+    model = Model.load(str(path / MLMODEL_FILE_NAME))
+    return (model.metadata or {}).get(PROMPT_TEMPLATE_KEY)
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return None if dtype is None else str(as_torch_dtype(dtype)).removeprefix("torch.")
+
+
+__all__ = [
+    "FLAVOR_NAME",
+    "MODEL_DIR",
+    "generate_signature_output",
+    "load_model",
+    "log_model",
+    "save_model",
+]

@@ -1,0 +1,259 @@
+"""Turn what the user passed to ``save_model`` into files on disk.
+
+:func:`resolve_source` validates the input (pipeline, component dict or checkpoint
+path) and the task before anything is written; :func:`write_model_files` writes the
+checkpoint directory and returns the weights manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow_tfx_plugin import components as comp
+from mlflow_tfx_plugin.checkpoint import (
+    ADAPTER_CONFIG,
+    TOKENIZER_FILES,
+    CheckpointInfo,
+    WeightEntry,
+    copy_checkpoint,
+    hash_weight_files,
+    inspect_checkpoint,
+)
+from mlflow_tfx_plugin.errors import CheckpointError, InvalidInputError, UnsupportedTaskError
+from mlflow_tfx_plugin.flavor_config import MODEL_DIR, PEFT_DIR, STOCK_COMPONENTS_DIR, FlavorConfig
+from mlflow_tfx_plugin.tasks import TaskAdapter, get_adapter, infer_task, model_can_do
+
+#: Tokenizer files copied for stock ``mlflow.transformers`` (it reads components/tokenizer/).
+_STOCK_TOKENIZER_FILES = (
+    *TOKENIZER_FILES,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+)
+
+
+@dataclass(kw_only=True)
+class ModelSource:
+    """A validated model to save: in-memory components or a checkpoint on disk."""
+
+    adapter: type[TaskAdapter]
+    components: dict[str, Any] | None = None
+    pipeline: Any = None
+    checkpoint: CheckpointInfo | None = None
+    source_model_name: str | None = None
+    model_class: str | None = None
+    component_classes: dict[str, str]
+    is_peft: bool = False
+    base_model_name: str | None = None
+
+    @property
+    def card_dir(self) -> Path | None:
+        """A local directory holding the model's README.md / LICENSE, if known."""
+        if self.checkpoint is not None:
+            return self.checkpoint.path
+        if self.source_model_name and os.path.isdir(self.source_model_name):
+            return Path(self.source_model_name)
+        return None
+
+    def flavor_config(self, *, weights: list[WeightEntry], torch_dtype: str | None) -> FlavorConfig:
+        return FlavorConfig(
+            task=self.adapter.task,
+            source_model_name=self.source_model_name,
+            torch_dtype=torch_dtype,
+            pipeline_class=type(self.pipeline).__name__ if self.pipeline is not None else None,
+            model_class=self.model_class,
+            components=self.component_classes,
+            peft_adapter_dir=PEFT_DIR if self.is_peft else None,
+            base_model_name=self.base_model_name,
+            weights=weights,
+        )
+
+
+def resolve_source(
+    transformers_model: Any, *, task: str | None, processor: Any = None
+) -> ModelSource:
+    """Validate the model argument and the task; nothing is written yet.
+
+    Raises:
+        InvalidInputError: unsupported model type, unknown task, or a task the model
+            cannot perform.
+        CheckpointError: a checkpoint directory that is incomplete.
+    """
+    if isinstance(transformers_model, (str, os.PathLike)):
+        return _checkpoint_source(Path(transformers_model), task)
+    if isinstance(transformers_model, Mapping):
+        components = comp.validate_component_dict(transformers_model)
+        return _memory_source(components, task=task, pipeline=None, processor=processor)
+    if _is_pipeline(transformers_model):
+        components = comp.components_from_pipeline(transformers_model)
+        task = task or transformers_model.task
+        return _memory_source(
+            components, task=task, pipeline=transformers_model, processor=processor
+        )
+    raise InvalidInputError(
+        f"Cannot save a {type(transformers_model).__name__}: transformers_model must be a "
+        "transformers Pipeline, a dict of components with a 'model' key, or the path of a "
+        "local checkpoint directory.",
+        param="transformers_model",
+    )
+
+
+def write_model_files(
+    source: ModelSource, path: Path, *, hardlink: bool, convert_pickle_weights: bool
+) -> list[WeightEntry]:
+    """Write ``model/`` (and ``peft/``, ``components/``); return the weights manifest."""
+    model_dir = path / MODEL_DIR
+    if source.checkpoint is not None:
+        weights = copy_checkpoint(
+            source.checkpoint,
+            model_dir,
+            hardlink=hardlink,
+            convert_pickle_weights=convert_pickle_weights,
+        )
+    else:
+        weights = _save_memory_components(source.components or {}, path)
+    _write_stock_components(model_dir, path / STOCK_COMPONENTS_DIR, source.component_classes)
+    return weights
+
+
+def _checkpoint_source(path: Path, task: str | None) -> ModelSource:
+    if not path.is_dir() and not path.exists():
+        raise CheckpointError(
+            f"'{path}' is not a local directory. Pass the directory of a checkpoint written by "
+            "`save_pretrained`. (Logging a Hugging Face Hub repo id is not supported yet.)",
+            param="transformers_model",
+        )
+    if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"'{path}' is a PEFT adapter directory, not a full checkpoint. Load it with "
+            "`peft.PeftModel.from_pretrained(base_model, path)` and log the model or pipeline.",
+            param="transformers_model",
+        )
+    info = inspect_checkpoint(path)
+    adapter = _check_task(task, info.architecture, info.model_type)
+    return ModelSource(
+        adapter=adapter,
+        checkpoint=info,
+        source_model_name=str(path.absolute()),
+        model_class=info.architecture,
+        component_classes=comp.detect_checkpoint_components(info),
+    )
+
+
+def _memory_source(
+    components: dict[str, Any], *, task: str | None, pipeline: Any, processor: Any
+) -> ModelSource:
+    if processor is not None:
+        components["processor"] = processor
+    model = components[comp.MODEL]
+    is_peft = _is_peft_model(model)
+    base = model.get_base_model() if is_peft else model
+    config = getattr(base, "config", None)
+    if config is None:
+        raise InvalidInputError(
+            f"components['model'] is a {type(model).__name__}, not a transformers PreTrainedModel.",
+            param="transformers_model",
+        )
+    adapter = _check_task(task, type(base).__name__, getattr(config, "model_type", None))
+    _require_components(adapter, components)
+    return ModelSource(
+        adapter=adapter,
+        components=components,
+        pipeline=pipeline,
+        source_model_name=getattr(base, "name_or_path", None) or None,
+        model_class=type(base).__name__,
+        component_classes=comp.component_classes(components),
+        is_peft=is_peft,
+        base_model_name=_peft_base_name(model) if is_peft else None,
+    )
+
+
+def _check_task(
+    task: str | None, architecture: str | None, model_type: str | None
+) -> type[TaskAdapter]:
+    if task is None:
+        return get_adapter(infer_task(architecture, model_type))
+    if task.startswith("llm/v1/"):
+        raise UnsupportedTaskError(
+            f"Task '{task}' (OpenAI-compatible inference) is not supported yet; log the model "
+            "with its native task.",
+            param="task",
+        )
+    adapter = get_adapter(task)
+    if not model_can_do(adapter, architecture, model_type):
+        raise UnsupportedTaskError(
+            f"A {architecture} model (model_type '{model_type}') cannot perform task "
+            f"'{adapter.task}'. Pass a task it supports, e.g. "
+            f"'{infer_task(architecture, model_type)}', or a model built for this task.",
+            param="task",
+        )
+    return adapter
+
+
+def _require_components(adapter: type[TaskAdapter], components: Mapping[str, Any]) -> None:
+    needs_text = adapter.task not in ("image-classification", "automatic-speech-recognition")
+    if needs_text and "tokenizer" not in components and "processor" not in components:
+        raise InvalidInputError(
+            f"Task '{adapter.task}' needs a tokenizer: add a 'tokenizer' entry to the "
+            "transformers_model dict.",
+            param="transformers_model",
+        )
+
+
+def _save_memory_components(components: Mapping[str, Any], path: Path) -> list[WeightEntry]:
+    model_dir = path / MODEL_DIR
+    model = components[comp.MODEL]
+    others = {name: value for name, value in components.items() if name != comp.MODEL}
+    if _is_peft_model(model):
+        base = model.get_base_model()
+        base.save_pretrained(str(model_dir), state_dict=_base_state_dict(base))
+        model.save_pretrained(str(path / PEFT_DIR))
+    else:
+        model.save_pretrained(str(model_dir))
+    comp.save_components(others, model_dir)
+    return hash_weight_files(model_dir)
+
+
+def _base_state_dict(base: Any) -> dict[str, Any]:
+    """The base model's weights under its own keys, without the injected LoRA layers."""
+    state = {}
+    for key, tensor in base.state_dict().items():
+        if "lora_" in key or ".modules_to_save." in key:
+            continue
+        state[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return state
+
+
+def _write_stock_components(
+    model_dir: Path, components_dir: Path, classes: Mapping[str, str]
+) -> None:
+    if "tokenizer" not in classes:
+        return
+    target = components_dir / "tokenizer"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _STOCK_TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, target / name)
+
+
+def _is_pipeline(obj: Any) -> bool:
+    from transformers import Pipeline
+
+    return isinstance(obj, Pipeline)
+
+
+def _is_peft_model(model: Any) -> bool:
+    return type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model")
+
+
+def _peft_base_name(model: Any) -> str | None:
+    config = getattr(model, "peft_config", {}).get("default")
+    return getattr(config, "base_model_name_or_path", None)

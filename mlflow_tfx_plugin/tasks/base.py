@@ -1,0 +1,231 @@
+"""The contract every task adapter follows, and the input helpers they share.
+
+An adapter knows one task: which models can do it, how to build the object that runs
+it from loaded components, how to parse pyfunc input, which call parameters it
+accepts, and how to shape the output. It knows nothing about storage.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+from mlflow_tfx_plugin.errors import InvalidInputError
+
+#: Parameters of ``generate`` accepted at predict time by generation tasks, with the
+#: MLflow param type used in signatures.
+GENERATION_PARAMS: dict[str, str] = {
+    "max_new_tokens": "long",
+    "min_new_tokens": "long",
+    "do_sample": "boolean",
+    "temperature": "double",
+    "top_k": "long",
+    "top_p": "double",
+    "num_beams": "long",
+    "repetition_penalty": "double",
+    "no_repeat_ngram_size": "long",
+}
+
+Components = dict[str, Any]
+STRING_SCHEMA = Schema([ColSpec("string")])
+
+
+class TaskAdapter(ABC):
+    """Runs one task over a loaded model: input parsing, the call, output shaping.
+
+    Subclasses set the class attributes and implement :meth:`build_runner` (when the
+    task has no transformers pipeline) and :meth:`run`.
+    """
+
+    task: ClassVar[str]
+    #: transformers pipeline task name, or None when the adapter runs the model itself.
+    pipeline_task: ClassVar[str | None] = None
+    #: ``transformers.models.auto.modeling_auto`` mappings whose models can do the task.
+    model_mappings: ClassVar[tuple[str, ...]] = ()
+    #: The Auto class used to load the model for this task.
+    auto_model_class: ClassVar[str] = "AutoModel"
+    #: Call parameters accepted at predict time, with their MLflow param type.
+    call_params: ClassVar[dict[str, str]] = {}
+    supports_prompt_template: ClassVar[bool] = False
+    default_input_example: ClassVar[Any] = "Hello, world!"
+    input_schema: ClassVar[Schema] = STRING_SCHEMA
+    output_schema: ClassVar[Schema] = STRING_SCHEMA
+
+    def __init__(
+        self,
+        runner: Any,
+        *,
+        model_config: Mapping[str, Any] | None = None,
+        prompt_template: str | None = None,
+    ) -> None:
+        self.runner = runner
+        self.model_config = dict(model_config or {})
+        self.prompt_template = prompt_template
+
+    @classmethod
+    def build_runner(cls, components: Components) -> Any:
+        """Build the callable that runs the task (a transformers pipeline by default)."""
+        import transformers
+
+        return transformers.pipeline(cls.pipeline_task, **components)
+
+    @classmethod
+    def default_signature(cls, model_config: Mapping[str, Any] | None = None) -> ModelSignature:
+        """The signature used when no input example is given."""
+        return ModelSignature(
+            inputs=cls.input_schema,
+            outputs=cls.output_schema,
+            params=cls.params_schema(model_config),
+        )
+
+    @classmethod
+    def params_schema(cls, model_config: Mapping[str, Any] | None = None) -> ParamSchema | None:
+        """Predict-time params: the task's call parameters plus the model_config keys."""
+        specs = {name: ParamSpec(name, dtype, None) for name, dtype in cls.call_params.items()}
+        for name, value in (model_config or {}).items():
+            specs[name] = ParamSpec(name, _param_dtype(name, value), value)
+        return ParamSchema(list(specs.values())) if specs else None
+
+    def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> Any:
+        """Answer one pyfunc call: parse ``data``, run the model, shape the output."""
+        call_kwargs = self.resolve_params(params)
+        return self.run(data, call_kwargs)
+
+    def resolve_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Merge ``model_config`` defaults with per-call ``params``; unknown keys raise."""
+        given = {k: v for k, v in (params or {}).items() if v is not None}
+        allowed = set(self.call_params) | set(self.model_config)
+        unknown = sorted(set(given) - allowed)
+        if unknown:
+            raise InvalidInputError(
+                f"Unknown parameter(s) {unknown} for task '{self.task}'. Valid parameters: "
+                f"{sorted(allowed)}. Add others to `model_config` when logging the model.",
+                param=unknown[0],
+            )
+        return {**self.model_config, **given}
+
+    def apply_prompt_template(self, texts: list[str]) -> list[str]:
+        if not self.prompt_template:
+            return texts
+        return [self.prompt_template.format(prompt=text) for text in texts]
+
+    @abstractmethod
+    def run(self, data: Any, call_kwargs: dict[str, Any]) -> Any:
+        """Run the task on pyfunc input with the resolved call parameters."""
+
+
+def _param_dtype(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "long"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, str):
+        return "string"
+    raise InvalidInputError(
+        f"model_config['{name}'] = {value!r} has type {type(value).__name__}; model_config "
+        "values must be str, int, float or bool so they can be overridden at predict time.",
+        param=name,
+    )
+
+
+def as_text_list(data: Any, *, field: str = "inputs") -> tuple[list[str], bool]:
+    """Normalize text input to a list of strings.
+
+    Accepts a string, a list of strings, or records (dicts) with exactly one string
+    field, as pandas input arrives after the pyfunc boundary.
+
+    Returns:
+        The strings, and whether the input was a single string.
+    """
+    if isinstance(data, str):
+        return [data], True
+    if isinstance(data, Mapping):
+        return [_single_text(data, field)], True
+    if isinstance(data, list) and data:
+        return [_single_text(item, field) for item in data], False
+    raise InvalidInputError(
+        f"Expected a string or a non-empty list of strings for '{field}', got {_describe(data)}.",
+        param=field,
+    )
+
+
+def _single_text(item: Any, field: str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Mapping) and len(item) == 1:
+        value = next(iter(item.values()))
+        if isinstance(value, str):
+            return value
+    raise InvalidInputError(
+        f"Expected each item of '{field}' to be a string, got {_describe(item)}.", param=field
+    )
+
+
+def unwrap_record(item: Any) -> Any:
+    """The value of a one-field record (how a single pandas column arrives), else the item."""
+    if isinstance(item, Mapping) and len(item) == 1:
+        return next(iter(item.values()))
+    return item
+
+
+def as_records(data: Any, *, required: tuple[str, ...]) -> tuple[list[dict[str, Any]], bool]:
+    """Normalize dict-style input (a dict or a list of dicts) and check required keys.
+
+    Returns:
+        The records, and whether the input was a single dict.
+    """
+    single = isinstance(data, Mapping)
+    records = [dict(data)] if single else data
+    if not isinstance(records, list) or not records:
+        raise InvalidInputError(
+            f"Expected a dict (or a list of dicts) with keys {list(required)}, "
+            f"got {_describe(data)}.",
+            param=required[0],
+        )
+    for record in records:
+        if not isinstance(record, Mapping):
+            raise InvalidInputError(
+                f"Expected a dict with keys {list(required)}, got {_describe(record)}.",
+                param=required[0],
+            )
+        missing = [key for key in required if record.get(key) is None]
+        if missing:
+            raise InvalidInputError(
+                f"Input is missing required field(s) {missing}; expected keys {list(required)}.",
+                param=missing[0],
+            )
+    return records, single
+
+
+def require_string(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(
+            f"Field '{field}' must be a string, got {_describe(value)}.", param=field
+        )
+    return value
+
+
+def maybe_json(value: Any, field: str) -> Any:
+    """Decode a JSON-encoded string field (how nested values travel through pandas)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(
+            f"Field '{field}' must be a JSON object or list, or a string holding one: {err}.",
+            param=field,
+        ) from err
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{type(value).__name__} {text}"

@@ -1,0 +1,84 @@
+"""Extractive ``question-answering`` over ``AutoModelForQuestionAnswering``.
+
+transformers 5 removed the pipeline; :class:`ExtractiveQARunner` finds the best
+answer span in the context from the start/end logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from mlflow.types.schema import ColSpec, Schema
+
+from mlflow_tfx_plugin.tasks.base import Components, TaskAdapter, as_records, require_string
+
+
+@dataclass
+class ExtractiveQARunner:
+    """``runner(question=..., context=..., max_answer_len=30)`` -> ``{"answer", "score", ...}``."""
+
+    model: Any
+    tokenizer: Any
+
+    def __call__(self, *, question: str, context: str, max_answer_len: int = 30) -> dict[str, Any]:
+        import torch
+
+        encoded = self.tokenizer(
+            question,
+            context,
+            return_tensors="pt",
+            truncation="only_second",
+            return_offsets_mapping=True,
+        )
+        offsets = encoded.pop("offset_mapping")[0].tolist()
+        context_mask = torch.tensor([sid == 1 for sid in encoded.sequence_ids(0)])
+        with torch.inference_mode():
+            output = self.model(**encoded.to(self.model.device))
+        start_logits = output.start_logits[0].float().cpu().masked_fill(~context_mask, -1e9)
+        end_logits = output.end_logits[0].float().cpu().masked_fill(~context_mask, -1e9)
+        start, end, score = _best_span(start_logits, end_logits, max_answer_len)
+        begin, finish = offsets[start][0], offsets[end][1]
+        return {"answer": context[begin:finish], "score": score, "start": begin, "end": finish}
+
+
+def _best_span(start_logits: Any, end_logits: Any, max_answer_len: int) -> tuple[int, int, float]:
+    """The (start, end) pair with the highest joint probability, end >= start."""
+    import torch
+
+    start_p = torch.softmax(start_logits, dim=-1)
+    end_p = torch.softmax(end_logits, dim=-1)
+    scores = torch.triu(start_p[:, None] * end_p[None, :])
+    scores = torch.tril(scores, diagonal=max_answer_len - 1)
+    flat = int(torch.argmax(scores))
+    start, end = divmod(flat, scores.shape[1])
+    return start, end, float(scores[start, end])
+
+
+class QuestionAnsweringAdapter(TaskAdapter):
+    """``question-answering``: ``{"question", "context"}`` (or a list of them) -> answers."""
+
+    task = "question-answering"
+    model_mappings = ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",)
+    auto_model_class = "AutoModelForQuestionAnswering"
+    call_params: ClassVar[dict[str, str]] = {"max_answer_len": "long"}
+    default_input_example: ClassVar[Any] = {
+        "question": "What is the capital of France?",
+        "context": "Paris is the capital of France.",
+    }
+    input_schema = Schema([ColSpec("string", "question"), ColSpec("string", "context")])
+
+    @classmethod
+    def build_runner(cls, components: Components) -> ExtractiveQARunner:
+        return ExtractiveQARunner(model=components["model"], tokenizer=components["tokenizer"])
+
+    def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
+        records, _ = as_records(data, required=("question", "context"))
+        return [
+            self.runner(
+                question=require_string(record["question"], "question"),
+                context=require_string(record["context"], "context"),
+                **call_kwargs,
+            )["answer"]
+            for record in records
+        ]
