@@ -93,6 +93,21 @@ def load_preprocessors(
     }
 
 
+def unpack_processor(components: dict[str, Any]) -> dict[str, Any]:
+    """Fill tokenizer/feature extractor/image processor from a processor that bundles them.
+
+    Pipelines such as automatic-speech-recognition need the parts, not the processor, and
+    some processors (Whisper's) are saved as one ``processor_config.json``.
+    """
+    processor = components.get("processor")
+    if processor is None:
+        return components
+    for name in ("tokenizer", "feature_extractor", "image_processor"):
+        if components.get(name) is None and (part := getattr(processor, name, None)) is not None:
+            components[name] = part
+    return components
+
+
 def resolve_class(class_name: str, *, fallback: str) -> Any:
     """A class from the ``transformers`` namespace, or the Auto fallback for custom classes."""
     import transformers

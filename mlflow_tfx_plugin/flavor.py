@@ -119,7 +119,7 @@ def save_model(
             target,
             mlflow_model=mlflow_model or Model(),
             options=_SaveOptions(
-                torch_dtype=_dtype_name(torch_dtype),
+                torch_dtype=_dtype_name(torch_dtype) or source.model_dtype,
                 model_config=dict(model_config or {}),
                 prompt_template=template,
                 signature=signature,
@@ -256,10 +256,13 @@ def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> Tf
     config = read_flavor_config(local_path)
     components = load_components(local_path, config)
     adapter_cls = get_adapter(config.task)
+    mlmodel = Model.load(str(local_path / MLMODEL_FILE_NAME))
+    params_schema = mlmodel.signature.params if mlmodel.signature else None
     adapter = adapter_cls(
         adapter_cls.build_runner(components),
         model_config=model_config,
-        prompt_template=_read_prompt_template(local_path),
+        prompt_template=(mlmodel.metadata or {}).get(PROMPT_TEMPLATE_KEY),
+        signature_params=[spec.name for spec in params_schema.params] if params_schema else (),
     )
     return TfxPyfuncModel(adapter)
 
@@ -282,7 +285,7 @@ def generate_signature_output(
             f"Cannot tell the task of {type(pipeline).__name__}; pass a transformers pipeline.",
             param="pipeline",
         )
-    adapter = get_adapter(task)(pipeline, model_config=model_config)
+    adapter = get_adapter(task)(pipeline, model_config=model_config, signature_params=params or ())
     return adapter.predict(to_python(data), params)
 
 
@@ -352,7 +355,8 @@ def _example_output(source: ModelSource, options: _SaveOptions) -> Any:
         runner, model_config=options.model_config, prompt_template=options.prompt_template
     )
     try:
-        return adapter.predict(to_python(options.input_example))
+        probe = {k: v for k, v in adapter_cls.probe_params.items() if k not in options.model_config}
+        return adapter.predict(to_python(options.input_example), probe)
     except TfxError:
         raise
     except Exception as err:
@@ -437,11 +441,6 @@ def _validate_prompt_template(template: str | None, adapter: type[TaskAdapter]) 
             param="prompt_template",
         ) from err
     return template
-
-
-def _read_prompt_template(path: Path) -> str | None:
-    model = Model.load(str(path / MLMODEL_FILE_NAME))
-    return (model.metadata or {}).get(PROMPT_TEMPLATE_KEY)
 
 
 def _dtype_name(dtype: Any) -> str | None:

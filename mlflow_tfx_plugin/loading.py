@@ -106,7 +106,7 @@ def _load_preprocessors(
                 directory, {name: class_name}, trust_remote_code=trust_remote_code
             )
         )
-    return loaded
+    return comp.unpack_processor(loaded)
 
 
 def _attach_peft_adapter(model: Any, adapter_dir: Path) -> Any:

@@ -27,6 +27,7 @@ from mlflow_tfx_plugin.checkpoint import (
 from mlflow_tfx_plugin.errors import CheckpointError, InvalidInputError, UnsupportedTaskError
 from mlflow_tfx_plugin.flavor_config import MODEL_DIR, PEFT_DIR, STOCK_COMPONENTS_DIR, FlavorConfig
 from mlflow_tfx_plugin.tasks import TaskAdapter, get_adapter, infer_task, model_can_do
+from mlflow_tfx_plugin.tasks.base import Runner
 
 #: Tokenizer files copied for stock ``mlflow.transformers`` (it reads components/tokenizer/).
 _STOCK_TOKENIZER_FILES = (
@@ -53,6 +54,13 @@ class ModelSource:
     component_classes: dict[str, str]
     is_peft: bool = False
     base_model_name: str | None = None
+
+    @property
+    def model_dtype(self) -> str | None:
+        """The in-memory model's dtype when it is not the default float32."""
+        dtype = getattr((self.components or {}).get(comp.MODEL), "dtype", None)
+        name = str(dtype).removeprefix("torch.") if dtype is not None else None
+        return None if name in (None, "float32") else name
 
     @property
     def card_dir(self) -> Path | None:
@@ -247,7 +255,7 @@ def _write_stock_components(
 def _is_pipeline(obj: Any) -> bool:
     from transformers import Pipeline
 
-    return isinstance(obj, Pipeline)
+    return isinstance(obj, (Pipeline, Runner))
 
 
 def _is_peft_model(model: Any) -> bool:

@@ -150,8 +150,9 @@ def test_table_question_answering(tiny_tapas_dir: Path, tracking_uri: str):
     assert answer == [expected["answer"]]
 
 
+@pytest.mark.parametrize("mode", ["pipeline", "checkpoint"])
 def test_speech_recognition_accepts_array_and_wav_bytes(
-    tiny_whisper_dir: Path, wav_path: Path, tracking_uri: str
+    tiny_whisper_dir: Path, wav_path: Path, tracking_uri: str, mode: str
 ):
     import soundfile
 
@@ -159,12 +160,13 @@ def test_speech_recognition_accepts_array_and_wav_bytes(
     waveform, _ = soundfile.read(wav_path, dtype="float32")
     expected = pipe(waveform)["text"]
     with mlflow.start_run():
-        info = tfx.log_model(pipe, name="model")
+        info = tfx.log_model(pipe if mode == "pipeline" else str(tiny_whisper_dir), name="model")
     model = mlflow.pyfunc.load_model(info.model_uri)
 
     assert info.flavors["tfx"]["task"] == "automatic-speech-recognition"
     assert model.predict(wav_path.read_bytes()) == [expected]
-    assert model.get_raw_model()(waveform)["text"] == expected
+    assert model.predict(waveform) == [expected]
+    assert model.predict(str(wav_path)) == [expected]
     assert tfx.load_model(info.model_uri)(waveform)["text"] == expected
 
 

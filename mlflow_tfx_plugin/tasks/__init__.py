@@ -6,6 +6,9 @@ Each module owns one task family. :data:`ADAPTERS` maps a task name to its adapt
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from mlflow_tfx_plugin.errors import UnsupportedTaskError
 from mlflow_tfx_plugin.tasks.audio import SpeechRecognitionAdapter
 from mlflow_tfx_plugin.tasks.base import TaskAdapter
@@ -80,6 +83,36 @@ def get_adapter(task: str) -> type[TaskAdapter]:
     return adapter
 
 
+def pipeline(task: str, model: Any, tokenizer: Any = None, **components: Any) -> Any:
+    """Build the object that runs ``task``: a transformers pipeline for native tasks, the
+    flavor's own runner for tasks transformers 5 removed (``text2text-generation``,
+    ``summarization``, ``translation``, ``question-answering``).
+
+    Args:
+        task: the task name.
+        model: a loaded model, or a local checkpoint path.
+        tokenizer: its tokenizer (loaded from ``model`` when it is a path and this is None).
+        components: other preprocessors (``feature_extractor``, ``image_processor``, ...).
+
+    Example:
+        >>> pipe = tfx.pipeline("text2text-generation", model="./flan-t5")  # doctest: +SKIP
+        >>> pipe(["Translate: hello"], max_new_tokens=10)  # doctest: +SKIP
+    """
+    adapter = get_adapter(task)
+    if adapter.pipeline_task is not None:
+        import transformers
+
+        return transformers.pipeline(
+            adapter.pipeline_task, model=model, tokenizer=tokenizer, **components
+        )
+    if isinstance(model, (str, os.PathLike)):
+        import transformers
+
+        tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(str(model))
+        model = getattr(transformers, adapter.auto_model_class).from_pretrained(str(model))
+    return adapter.build_runner({"model": model, "tokenizer": tokenizer, **components})
+
+
 def model_can_do(
     adapter: type[TaskAdapter], architecture: str | None, model_type: str | None
 ) -> bool:
@@ -128,4 +161,4 @@ def _flatten(values: object) -> set[str]:
     return names
 
 
-__all__ = ["ADAPTERS", "TaskAdapter", "get_adapter", "infer_task", "model_can_do"]
+__all__ = ["ADAPTERS", "TaskAdapter", "get_adapter", "infer_task", "model_can_do", "pipeline"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
-from mlflow.types.schema import ColSpec, Schema
 
 from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.tasks.base import TaskAdapter, unwrap_record
@@ -22,7 +22,14 @@ class SpeechRecognitionAdapter(TaskAdapter):
     auto_model_class = "AutoModelForSpeechSeq2Seq"
     call_params: ClassVar[dict[str, str]] = {"max_new_tokens": "long", "chunk_length_s": "double"}
     default_input_example = None
-    input_schema = Schema([ColSpec("binary")])
+
+    @classmethod
+    def default_signature(cls, model_config: Mapping[str, Any] | None = None) -> None:
+        """None: audio arrives as bytes or as float arrays, and one schema cannot admit both.
+
+        An ``input_example`` still yields a signature for its own input type.
+        """
+        return None
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
         sampling_rate = self.runner.feature_extractor.sampling_rate

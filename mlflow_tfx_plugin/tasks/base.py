@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from mlflow.models.signature import ModelSignature
@@ -21,6 +22,7 @@ from mlflow_tfx_plugin.errors import InvalidInputError
 #: MLflow param type used in signatures.
 GENERATION_PARAMS: dict[str, str] = {
     "max_new_tokens": "long",
+    "max_length": "long",
     "min_new_tokens": "long",
     "do_sample": "boolean",
     "temperature": "double",
@@ -33,6 +35,19 @@ GENERATION_PARAMS: dict[str, str] = {
 
 Components = dict[str, Any]
 STRING_SCHEMA = Schema([ColSpec("string")])
+
+
+@dataclass
+class Runner:
+    """Base of the flavor's own pipeline-like runners, for tasks transformers 5 removed.
+
+    Like a transformers pipeline it exposes ``task``, ``model`` and ``tokenizer``, so it
+    can be passed to ``log_model`` and is what ``load_model`` returns for these tasks.
+    """
+
+    model: Any
+    tokenizer: Any
+    task: str
 
 
 class TaskAdapter(ABC):
@@ -52,6 +67,9 @@ class TaskAdapter(ABC):
     #: Call parameters accepted at predict time, with their MLflow param type.
     call_params: ClassVar[dict[str, str]] = {}
     supports_prompt_template: ClassVar[bool] = False
+    #: Params used when running an input example at log time only to infer the output
+    #: type: generation is capped so logging a large model stays cheap.
+    probe_params: ClassVar[dict[str, Any]] = {}
     default_input_example: ClassVar[Any] = "Hello, world!"
     input_schema: ClassVar[Schema] = STRING_SCHEMA
     output_schema: ClassVar[Schema] = STRING_SCHEMA
@@ -62,10 +80,12 @@ class TaskAdapter(ABC):
         *,
         model_config: Mapping[str, Any] | None = None,
         prompt_template: str | None = None,
+        signature_params: Iterable[str] = (),
     ) -> None:
         self.runner = runner
         self.model_config = dict(model_config or {})
         self.prompt_template = prompt_template
+        self.allowed_params = set(self.call_params) | set(self.model_config) | set(signature_params)
 
     @classmethod
     def build_runner(cls, components: Components) -> Any:
@@ -75,7 +95,9 @@ class TaskAdapter(ABC):
         return transformers.pipeline(cls.pipeline_task, **components)
 
     @classmethod
-    def default_signature(cls, model_config: Mapping[str, Any] | None = None) -> ModelSignature:
+    def default_signature(
+        cls, model_config: Mapping[str, Any] | None = None
+    ) -> ModelSignature | None:
         """The signature used when no input example is given."""
         return ModelSignature(
             inputs=cls.input_schema,
@@ -99,12 +121,12 @@ class TaskAdapter(ABC):
     def resolve_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Merge ``model_config`` defaults with per-call ``params``; unknown keys raise."""
         given = {k: v for k, v in (params or {}).items() if v is not None}
-        allowed = set(self.call_params) | set(self.model_config)
-        unknown = sorted(set(given) - allowed)
+        unknown = sorted(set(given) - self.allowed_params)
         if unknown:
             raise InvalidInputError(
                 f"Unknown parameter(s) {unknown} for task '{self.task}'. Valid parameters: "
-                f"{sorted(allowed)}. Add others to `model_config` when logging the model.",
+                f"{sorted(self.allowed_params)}. Add others to `model_config` when logging the "
+                "model.",
                 param=unknown[0],
             )
         return {**self.model_config, **given}

@@ -11,15 +11,14 @@ from typing import Any, ClassVar
 
 from mlflow.types.schema import ColSpec, Schema
 
-from mlflow_tfx_plugin.tasks.base import Components, TaskAdapter, as_records, require_string
+from mlflow_tfx_plugin.tasks.base import Components, Runner, TaskAdapter, as_records, require_string
 
 
 @dataclass
-class ExtractiveQARunner:
+class ExtractiveQARunner(Runner):
     """``runner(question=..., context=..., max_answer_len=30)`` -> ``{"answer", "score", ...}``."""
 
-    model: Any
-    tokenizer: Any
+    task: str = "question-answering"
 
     def __call__(self, *, question: str, context: str, max_answer_len: int = 30) -> dict[str, Any]:
         import torch

@@ -13,19 +13,17 @@ from typing import Any, ClassVar
 from mlflow_tfx_plugin.tasks.base import (
     GENERATION_PARAMS,
     Components,
+    Runner,
     TaskAdapter,
     as_text_list,
 )
 
 
 @dataclass
-class Seq2SeqRunner:
+class Seq2SeqRunner(Runner):
     """A pipeline-like callable: ``runner(texts, **generate_kwargs)`` -> list of dicts."""
 
-    model: Any
-    tokenizer: Any
-    task: str
-    output_key: str
+    output_key: str = "generated_text"
 
     def __call__(self, texts: list[str], **generate_kwargs: Any) -> list[dict[str, str]]:
         import torch
@@ -55,6 +53,7 @@ class Text2TextGenerationAdapter(TaskAdapter):
     auto_model_class = "AutoModelForSeq2SeqLM"
     call_params: ClassVar[dict[str, str]] = dict(GENERATION_PARAMS)
     supports_prompt_template = True
+    probe_params: ClassVar[dict[str, Any]] = {"max_new_tokens": 8}
     default_input_example = "answer: What is the capital of France?"
     output_key: ClassVar[str] = "generated_text"
 

@@ -27,6 +27,7 @@ class TextGenerationAdapter(TaskAdapter):
     auto_model_class = "AutoModelForCausalLM"
     call_params: ClassVar[dict[str, str]] = {**GENERATION_PARAMS, "return_full_text": "boolean"}
     supports_prompt_template = True
+    probe_params: ClassVar[dict[str, Any]] = {"max_new_tokens": 8}
     default_input_example = "Hello, my name is"
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
@@ -49,9 +50,10 @@ class FillMaskAdapter(TaskAdapter):
     default_input_example = "The capital of France is [MASK]."
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
-        texts, single = as_text_list(data)
+        texts, _ = as_text_list(data)
         outputs = self.runner(self.apply_prompt_template(texts), **call_kwargs)
-        outputs = [outputs] if single else outputs
+        # One input gives a flat list of candidates; several give a list per input.
+        outputs = [outputs] if len(texts) == 1 else outputs
         return [_first(output)["token_str"] for output in outputs]
 
 
@@ -146,10 +148,11 @@ class FeatureExtractionAdapter(TaskAdapter):
     output_schema = Schema([TensorSpec(np.dtype("float64"), (-1, -1))])
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> np.ndarray | list[np.ndarray]:
-        texts, single = as_text_list(data)
+        """One text gives a (tokens, hidden) array; several give a list of them."""
+        texts, _ = as_text_list(data)
         outputs = self.runner(self.apply_prompt_template(texts), **call_kwargs)
         arrays = [np.asarray(output[0], dtype=np.float64) for output in outputs]
-        return arrays[0] if single else arrays
+        return arrays[0] if len(arrays) == 1 else arrays
 
 
 class TableQuestionAnsweringAdapter(TaskAdapter):
