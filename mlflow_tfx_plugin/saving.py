@@ -76,7 +76,11 @@ class ModelSource:
             task=self.adapter.task,
             source_model_name=self.source_model_name,
             torch_dtype=torch_dtype,
-            pipeline_class=type(self.pipeline).__name__ if self.pipeline is not None else None,
+            pipeline_class=(
+                type(self.pipeline).__name__
+                if self.pipeline is not None
+                else self.adapter.pipeline_class_name()
+            ),
             model_class=self.model_class,
             components=self.component_classes,
             peft_adapter_dir=PEFT_DIR if self.is_peft else None,

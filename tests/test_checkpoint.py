@@ -54,6 +54,7 @@ def test_log_checkpoint_never_loads_weights(tiny_llama_dir: Path, tracking_uri: 
     conf = info.flavors["tfx"]
     assert conf["task"] == "text-generation"
     assert conf["model_class"] == "LlamaForCausalLM"
+    assert conf["pipeline_class"] == "TextGenerationPipeline"
     assert conf["reference_only"] is False
     assert conf["source_model_name"] == str(tiny_llama_dir)
     assert conf["weights"] == [

@@ -306,10 +306,15 @@ def build_gpt2(dest: Path) -> Path:
     )
 
 
+def build_llama_tokenizer() -> PreTrainedTokenizerFast:
+    """The Llama-style BPE tokenizer (bos ``<s>``, eos ``</s>``) with a chat template."""
+    return _causal_lm_tokenizer("<s>", "</s>", "</s>")
+
+
 def build_llama(dest: Path) -> Path:
     """LlamaForCausalLM with a BPE tokenizer (bos ``<s>``, eos ``</s>``) and chat template."""
     torch.manual_seed(0)
-    tokenizer = _causal_lm_tokenizer("<s>", "</s>", "</s>")
+    tokenizer = build_llama_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,

@@ -100,11 +100,7 @@ def pipeline(task: str, model: Any, tokenizer: Any = None, **components: Any) ->
     """
     adapter = get_adapter(task)
     if adapter.pipeline_task is not None:
-        import transformers
-
-        return transformers.pipeline(
-            adapter.pipeline_task, model=model, tokenizer=tokenizer, **components
-        )
+        return adapter.build_runner({"model": model, "tokenizer": tokenizer, **components})
     if isinstance(model, (str, os.PathLike)):
         import transformers
 

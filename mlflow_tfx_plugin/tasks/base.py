@@ -70,6 +70,8 @@ class TaskAdapter(ABC):
     #: Params used when running an input example at log time only to infer the output
     #: type: generation is capped so logging a large model stays cheap.
     probe_params: ClassVar[dict[str, Any]] = {}
+    #: The flavor's own runner class, for tasks without a transformers pipeline.
+    runner_class: ClassVar[type[Runner]] = Runner
     default_input_example: ClassVar[Any] = "Hello, world!"
     input_schema: ClassVar[Schema] = STRING_SCHEMA
     output_schema: ClassVar[Schema] = STRING_SCHEMA
@@ -92,18 +94,27 @@ class TaskAdapter(ABC):
         """Build the callable that runs the task (a transformers pipeline by default)."""
         import transformers
 
-        return transformers.pipeline(cls.pipeline_task, **components)
+        build: Any = transformers.pipeline  # its overloads want a literal task name
+        return build(cls.pipeline_task, **components)
+
+    @classmethod
+    def pipeline_class_name(cls) -> str:
+        """The class that runs the task: the transformers pipeline class, or the runner's."""
+        if cls.pipeline_task is None:
+            return cls.runner_class.__name__
+        from transformers.pipelines import SUPPORTED_TASKS
+
+        impl: Any = SUPPORTED_TASKS[cls.pipeline_task]["impl"]  # type: ignore[index]
+        # a dotted path in transformers 5, a class before
+        return impl.rsplit(".", 1)[-1] if isinstance(impl, str) else impl.__name__
 
     @classmethod
     def default_signature(
         cls, model_config: Mapping[str, Any] | None = None
     ) -> ModelSignature | None:
         """The signature used when no input example is given."""
-        return ModelSignature(
-            inputs=cls.input_schema,
-            outputs=cls.output_schema,
-            params=cls.params_schema(model_config),
-        )
+        params: Any = cls.params_schema(model_config)  # ModelSignature accepts None
+        return ModelSignature(inputs=cls.input_schema, outputs=cls.output_schema, params=params)
 
     @classmethod
     def params_schema(cls, model_config: Mapping[str, Any] | None = None) -> ParamSchema | None:

@@ -60,6 +60,7 @@ class QuestionAnsweringAdapter(TaskAdapter):
     task = "question-answering"
     model_mappings = ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",)
     auto_model_class = "AutoModelForQuestionAnswering"
+    runner_class = ExtractiveQARunner
     call_params: ClassVar[dict[str, str]] = {"max_answer_len": "long"}
     default_input_example: ClassVar[Any] = {
         "question": "What is the capital of France?",

@@ -56,6 +56,7 @@ class Text2TextGenerationAdapter(TaskAdapter):
     probe_params: ClassVar[dict[str, Any]] = {"max_new_tokens": 8}
     default_input_example = "answer: What is the capital of France?"
     output_key: ClassVar[str] = "generated_text"
+    runner_class = Seq2SeqRunner
 
     @classmethod
     def build_runner(cls, components: Components) -> Seq2SeqRunner:

@@ -119,7 +119,7 @@ class ZeroShotClassificationAdapter(TaskAdapter):
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> pd.DataFrame:
         records, _ = as_records(data, required=("sequences", "candidate_labels"))
-        rows = []
+        rows: list[dict[str, Any]] = []
         for record in records:
             labels = maybe_json(record["candidate_labels"], "candidate_labels")
             labels = [labels] if isinstance(labels, str) else list(labels)
