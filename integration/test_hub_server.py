@@ -448,7 +448,10 @@ def test_transformers_in_subprocess_with_client_env(
 
 
 def test_hub_in_subprocess_with_faults_and_kill(tmp_path: Path, tiny_gpt2_dir: Path) -> None:
-    with spawn_hub_process({REPO: tiny_gpt2_dir}) as proc:
+    with (
+        spawn_hub_process({REPO: tiny_gpt2_dir}) as proc,
+        patch_hf_client(proc.endpoint, tmp_path / "in-process-cache"),
+    ):
         api = HfApi(endpoint=proc.endpoint)
         proc.set_faults({"scope": "api", "status_code": 503, "times": 1})
         with pytest.raises(HfHubHTTPError):
