@@ -7,6 +7,8 @@ Modes:
   (b) tfx pipeline     ``transformers.pipeline(...)`` then ``tfx.log_model(pipe)``
   (c) stock pipeline   ``transformers.pipeline(...)`` then ``mlflow.transformers.log_model(pipe)``
   (d) cp -r            copying the directory: the floor
+  (e) tfx checkpoint of a ~1 MB model: MLflow's and the flavor's fixed cost per log call,
+      so (a) - (e) is what the weights themselves cost
 
 For each: the operation's wall time measured inside the child after its imports, the
 child's whole wall time, and its peak RSS (``wait4``'s ru_maxrss). The checkpoint is a
@@ -74,10 +76,32 @@ class Sample:
 
 
 def build_checkpoint(directory: Path, size_gb: float) -> Path:
-    """A random-weight Llama checkpoint of about ``size_gb`` GB (float32), built once."""
+    """A random-weight Llama checkpoint of about ``size_gb`` GB (float32), built once.
+
+    Built in a child process: children forked later would otherwise report this
+    process's peak memory as theirs.
+    """
     target = directory / f"llama-{size_gb:g}gb"
-    if (target / "config.json").is_file():
-        return target
+    if not (target / "config.json").is_file():
+        code = "import sys; from log_checkpoint import _build; _build(*sys.argv[1:])"
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+        subprocess.run([sys.executable, "-c", code, str(target), str(size_gb)], check=True, env=env)
+    return target
+
+
+def build_tiny_checkpoint(directory: Path) -> Path:
+    target = directory / "llama-tiny"
+    if not (target / "config.json").is_file():
+        code = (
+            "import sys, pathlib, tiny_models; tiny_models.build_llama(pathlib.Path(sys.argv[1]))"
+        )
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+        subprocess.run([sys.executable, "-c", code, str(target)], check=True, env=env)
+    return target
+
+
+def _build(target_dir: str, size_gb_text: str) -> None:
+    target, size_gb = Path(target_dir), float(size_gb_text)
     import torch
     import transformers
 
@@ -100,7 +124,6 @@ def build_checkpoint(directory: Path, size_gb: float) -> Path:
     transformers.LlamaForCausalLM(config).save_pretrained(partial)
     build_llama_tokenizer().save_pretrained(partial)
     partial.rename(target)
-    return target
 
 
 def run_child(cmd: list[str]) -> Sample:
@@ -116,11 +139,16 @@ def run_child(cmd: list[str]) -> Sample:
     return Sample(op_s=op_s, total_s=total, peak_rss_mb=usage.ru_maxrss / 1024)
 
 
+TINY_MODE = "tfx checkpoint, ~1 MB model (e)"
+
+
 def bench_mode(name: str, checkpoint: Path, workdir: Path) -> Sample:
     store = workdir / "store" / name.split()[0] / str(time.time_ns())
     store.mkdir(parents=True)
     if name == "cp -r (d)":
         return run_child(["cp", "-r", str(checkpoint), str(store / "copy")])
+    if name == TINY_MODE:
+        name, checkpoint = "tfx checkpoint (a)", build_tiny_checkpoint(workdir)
     code = _CHILD_PRELUDE + textwrap.dedent(MODES[name]) + _CHILD_EPILOGUE
     uri = f"sqlite:///{store / 'mlflow.db'}"
     artifacts = (store / "artifacts").as_uri()
@@ -139,7 +167,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = build_checkpoint(args.workdir, args.size_gb)
     size_mb = sum(f.stat().st_size for f in checkpoint.iterdir()) / 1e6
-    names = ["cp -r (d)", *MODES]
+    names = ["cp -r (d)", *MODES, TINY_MODE]
     results: dict[str, list[Sample]] = {name: [] for name in names}
     for _ in range(args.repeat):
         for name in names:  # interleaved, so drift in the page cache hits every mode alike

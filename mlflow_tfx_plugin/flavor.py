@@ -337,11 +337,8 @@ def _add_signature_and_example(
         mlflow_model.signature = options.signature
     elif options.input_example is not None and source.components is not None:
         output = _example_output(source, options)
-        params = adapter.params_schema(options.model_config)
-        mlflow_model.signature = infer_signature(
-            to_python(options.input_example), output, params=_params_example(params)
-        )
-        mlflow_model.signature.params = params
+        mlflow_model.signature = infer_signature(to_python(options.input_example), output)
+        mlflow_model.signature.params = adapter.params_schema(options.model_config)
     else:
         mlflow_model.signature = adapter.default_signature(options.model_config)
     if options.input_example is not None:
@@ -365,12 +362,6 @@ def _example_output(source: ModelSource, options: _SaveOptions) -> Any:
             f"matches the '{adapter_cls.task}' input format, or pass `signature=` instead.",
             param="input_example",
         ) from err
-
-
-def _params_example(params: Any) -> dict[str, Any] | None:
-    if params is None:
-        return None
-    return {spec.name: spec.default for spec in params.params if spec.default is not None} or None
 
 
 def _add_flavors(

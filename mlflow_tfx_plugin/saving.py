@@ -137,7 +137,7 @@ def write_model_files(
 
 
 def _checkpoint_source(path: Path, task: str | None) -> ModelSource:
-    if not path.is_dir() and not path.exists():
+    if not path.exists():
         raise CheckpointError(
             f"'{path}' is not a local directory. Pass the directory of a checkpoint written by "
             "`save_pretrained`. (Logging a Hugging Face Hub repo id is not supported yet.)",

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from mlflow_tfx_plugin.errors import UnsupportedTaskError
+from mlflow_tfx_plugin.tasks.architectures import mapping_names
 from mlflow_tfx_plugin.tasks.audio import SpeechRecognitionAdapter
 from mlflow_tfx_plugin.tasks.base import TaskAdapter
 from mlflow_tfx_plugin.tasks.question_answering import QuestionAnsweringAdapter
@@ -113,10 +114,8 @@ def model_can_do(
     adapter: type[TaskAdapter], architecture: str | None, model_type: str | None
 ) -> bool:
     """Whether a model (by architecture class name and model_type) can run the task."""
-    from transformers.models.auto import modeling_auto
-
     for mapping_name in adapter.model_mappings:
-        mapping = getattr(modeling_auto, mapping_name, {})
+        mapping = mapping_names(mapping_name)
         if mapping_name == "MODEL_MAPPING_NAMES":
             if model_type in mapping:
                 return True

@@ -18,6 +18,7 @@ class SpeechRecognitionAdapter(TaskAdapter):
 
     task = "automatic-speech-recognition"
     pipeline_task = "automatic-speech-recognition"
+    pipeline_class = "AutomaticSpeechRecognitionPipeline"
     model_mappings = ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "MODEL_FOR_CTC_MAPPING_NAMES")
     auto_model_class = "AutoModelForSpeechSeq2Seq"
     call_params: ClassVar[dict[str, str]] = {"max_new_tokens": "long", "chunk_length_s": "double"}

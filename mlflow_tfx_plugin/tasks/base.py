@@ -60,6 +60,8 @@ class TaskAdapter(ABC):
     task: ClassVar[str]
     #: transformers pipeline task name, or None when the adapter runs the model itself.
     pipeline_task: ClassVar[str | None] = None
+    #: Class name of that pipeline (recorded in MLmodel without importing the pipelines).
+    pipeline_class: ClassVar[str | None] = None
     #: ``transformers.models.auto.modeling_auto`` mappings whose models can do the task.
     model_mappings: ClassVar[tuple[str, ...]] = ()
     #: The Auto class used to load the model for this task.
@@ -100,13 +102,7 @@ class TaskAdapter(ABC):
     @classmethod
     def pipeline_class_name(cls) -> str:
         """The class that runs the task: the transformers pipeline class, or the runner's."""
-        if cls.pipeline_task is None:
-            return cls.runner_class.__name__
-        from transformers.pipelines import SUPPORTED_TASKS
-
-        impl: Any = SUPPORTED_TASKS[cls.pipeline_task]["impl"]  # type: ignore[index]
-        # a dotted path in transformers 5, a class before
-        return impl.rsplit(".", 1)[-1] if isinstance(impl, str) else impl.__name__
+        return cls.pipeline_class or cls.runner_class.__name__
 
     @classmethod
     def default_signature(

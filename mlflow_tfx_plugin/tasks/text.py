@@ -23,6 +23,7 @@ class TextGenerationAdapter(TaskAdapter):
 
     task = "text-generation"
     pipeline_task = "text-generation"
+    pipeline_class = "TextGenerationPipeline"
     model_mappings = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",)
     auto_model_class = "AutoModelForCausalLM"
     call_params: ClassVar[dict[str, str]] = {**GENERATION_PARAMS, "return_full_text": "boolean"}
@@ -43,6 +44,7 @@ class FillMaskAdapter(TaskAdapter):
 
     task = "fill-mask"
     pipeline_task = "fill-mask"
+    pipeline_class = "FillMaskPipeline"
     model_mappings = ("MODEL_FOR_MASKED_LM_MAPPING_NAMES",)
     auto_model_class = "AutoModelForMaskedLM"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long"}
@@ -62,6 +64,7 @@ class TextClassificationAdapter(TaskAdapter):
 
     task = "text-classification"
     pipeline_task = "text-classification"
+    pipeline_class = "TextClassificationPipeline"
     model_mappings = ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",)
     auto_model_class = "AutoModelForSequenceClassification"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long", "function_to_apply": "string"}
@@ -82,6 +85,7 @@ class TokenClassificationAdapter(TaskAdapter):
 
     task = "token-classification"
     pipeline_task = "token-classification"
+    pipeline_class = "TokenClassificationPipeline"
     model_mappings = ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",)
     auto_model_class = "AutoModelForTokenClassification"
     call_params: ClassVar[dict[str, str]] = {"aggregation_strategy": "string"}
@@ -98,6 +102,7 @@ class ZeroShotClassificationAdapter(TaskAdapter):
 
     task = "zero-shot-classification"
     pipeline_task = "zero-shot-classification"
+    pipeline_class = "ZeroShotClassificationPipeline"
     model_mappings = ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",)
     auto_model_class = "AutoModelForSequenceClassification"
     call_params: ClassVar[dict[str, str]] = {"multi_label": "boolean"}
@@ -141,6 +146,7 @@ class FeatureExtractionAdapter(TaskAdapter):
 
     task = "feature-extraction"
     pipeline_task = "feature-extraction"
+    pipeline_class = "FeatureExtractionPipeline"
     model_mappings = ("MODEL_MAPPING_NAMES",)
     auto_model_class = "AutoModel"
     supports_prompt_template = True
@@ -160,6 +166,7 @@ class TableQuestionAnsweringAdapter(TaskAdapter):
 
     task = "table-question-answering"
     pipeline_task = "table-question-answering"
+    pipeline_class = "TableQuestionAnsweringPipeline"
     model_mappings = ("MODEL_FOR_TABLE_QUESTION_ANSWERING_MAPPING_NAMES",)
     auto_model_class = "AutoModelForTableQuestionAnswering"
     default_input_example: ClassVar[Any] = {

@@ -21,6 +21,7 @@ class ImageClassificationAdapter(TaskAdapter):
 
     task = "image-classification"
     pipeline_task = "image-classification"
+    pipeline_class = "ImageClassificationPipeline"
     model_mappings = ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",)
     auto_model_class = "AutoModelForImageClassification"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long"}
