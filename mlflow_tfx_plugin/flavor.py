@@ -38,7 +38,7 @@ from mlflow_tfx_plugin.model_card import write_model_card
 from mlflow_tfx_plugin.pyfunc import TfxPyfuncModel, to_python
 from mlflow_tfx_plugin.requirements import get_default_pip_requirements
 from mlflow_tfx_plugin.saving import ModelSource, resolve_source, write_model_files
-from mlflow_tfx_plugin.tasks import TaskAdapter, get_adapter
+from mlflow_tfx_plugin.tasks import LLMAdapter, TaskAdapter, get_adapter
 
 _logger = logging.getLogger(__name__)
 
@@ -255,14 +255,18 @@ def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> Tf
     local_path = Path(path)
     config = read_flavor_config(local_path)
     components = load_components(local_path, config)
-    adapter_cls = get_adapter(config.task)
+    adapter_cls = get_adapter(config.adapter_task)
     mlmodel = Model.load(str(local_path / MLMODEL_FILE_NAME))
     params_schema = mlmodel.signature.params if mlmodel.signature else None
+    # mlflow.pyfunc passes the saved model_config merged with overrides; a direct call
+    # (the deployment server) gets the saved one as the base.
+    saved_config = mlmodel.flavors.get(pyfunc.FLAVOR_NAME, {}).get(pyfunc.MODEL_CONFIG) or {}
     adapter = adapter_cls(
-        adapter_cls.build_runner(components),
-        model_config=model_config,
+        adapter_cls.build_runner(components, **config.task_options),
+        model_config={**saved_config, **(model_config or {})},
         prompt_template=(mlmodel.metadata or {}).get(PROMPT_TEMPLATE_KEY),
         signature_params=[spec.name for spec in params_schema.params] if params_schema else (),
+        model_name=Path(config.source_model_name or "model").name,
     )
     return TfxPyfuncModel(adapter)
 
@@ -335,7 +339,11 @@ def _add_signature_and_example(
     adapter = source.adapter
     if options.signature is not None:
         mlflow_model.signature = options.signature
-    elif options.input_example is not None and source.components is not None:
+    elif (
+        options.input_example is not None
+        and source.components is not None
+        and not issubclass(adapter, LLMAdapter)  # llm/v1 signatures are the OpenAI schemas
+    ):
         output = _example_output(source, options)
         mlflow_model.signature = infer_signature(to_python(options.input_example), output)
         mlflow_model.signature.params = adapter.params_schema(options.model_config)
@@ -379,6 +387,9 @@ def _add_flavors(
             **(mlflow_model.metadata or {}),
             PROMPT_TEMPLATE_KEY: options.prompt_template,
         }
+    if config.inference_task:  # what serving platforms read to pick the OpenAI route
+        mlflow_model.metadata = {**(mlflow_model.metadata or {}), "task": config.inference_task}
+    streamable = getattr(get_adapter(config.adapter_task), "streamable", False)
     pyfunc.add_to_model(
         mlflow_model,
         loader_module="mlflow_tfx_plugin",
@@ -386,6 +397,7 @@ def _add_flavors(
         python_env=_compat.PYTHON_ENV_FILE_NAME,
         code=code_dir,
         model_config=options.model_config or None,
+        **({"streamable": True} if streamable else {}),
     )
 
 

@@ -36,7 +36,14 @@ class FlavorConfig:
     model_dir: str = MODEL_DIR
     peft_adapter_dir: str | None = None
     base_model_name: str | None = None
+    #: Per-task settings read at save time, e.g. embedding pooling.
+    task_options: dict[str, Any] = field(default_factory=dict)
     weights: list[WeightEntry] = field(default_factory=list)
+
+    @property
+    def adapter_task(self) -> str:
+        """The task pyfunc serves: the llm/v1 task when one was asked for, else the native one."""
+        return self.inference_task or self.task
 
     def to_dict(self) -> dict[str, Any]:
         data = {key: value for key, value in vars(self).items() if key != "weights"}
@@ -48,6 +55,7 @@ class FlavorConfig:
         known = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
         known["weights"] = [WeightEntry.from_dict(entry) for entry in data.get("weights") or []]
         known["components"] = dict(data.get("components") or {})
+        known["task_options"] = dict(data.get("task_options") or {})
         return cls(**known)
 
     def to_stock_dict(self) -> dict[str, Any]:

@@ -79,8 +79,9 @@ def _load_model(
     trust_remote_code: bool,
     **kwargs: Any,
 ) -> Any:
-    adapter = get_adapter(config.task)
-    model_class = comp.resolve_class(config.model_class or "", fallback=adapter.auto_model_class)
+    adapter = get_adapter(config.adapter_task)
+    class_name = "" if adapter.load_with_auto_class else config.model_class or ""
+    model_class = comp.resolve_class(class_name, fallback=adapter.auto_model_class)
     dtype = torch_dtype or config.torch_dtype
     if dtype is not None:
         kwargs["dtype"] = as_torch_dtype(dtype)

@@ -6,13 +6,14 @@ adapters only ever see strings, lists, dicts, bytes and arrays of numbers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from mlflow_tfx_plugin.tasks import TaskAdapter
+from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.tasks import LLMAdapter, TaskAdapter
 
 
 class TfxPyfuncModel:
@@ -27,6 +28,12 @@ class TfxPyfuncModel:
 
     def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> Any:
         return self.adapter.predict(to_python(data), params)
+
+    def predict_stream(self, data: Any, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
+        """OpenAI stream chunks, for the ``llm/v1/chat`` and ``llm/v1/completions`` tasks."""
+        if not isinstance(self.adapter, LLMAdapter) or not self.adapter.streamable:
+            raise InvalidInputError(f"Task '{self.adapter.task}' does not support streaming.")
+        return self.adapter.predict_stream(to_python(data), params)
 
 
 def to_python(data: Any) -> Any:

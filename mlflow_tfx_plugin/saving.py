@@ -26,8 +26,9 @@ from mlflow_tfx_plugin.checkpoint import (
 )
 from mlflow_tfx_plugin.errors import CheckpointError, InvalidInputError, UnsupportedTaskError
 from mlflow_tfx_plugin.flavor_config import MODEL_DIR, PEFT_DIR, STOCK_COMPONENTS_DIR, FlavorConfig
-from mlflow_tfx_plugin.tasks import TaskAdapter, get_adapter, infer_task, model_can_do
+from mlflow_tfx_plugin.tasks import LLMAdapter, TaskAdapter, get_adapter, infer_task, model_can_do
 from mlflow_tfx_plugin.tasks.base import Runner
+from mlflow_tfx_plugin.tasks.embeddings import EmbeddingsAdapter, pooling_options
 
 #: Tokenizer files copied for stock ``mlflow.transformers`` (it reads components/tokenizer/).
 _STOCK_TOKENIZER_FILES = (
@@ -71,9 +72,22 @@ class ModelSource:
             return Path(self.source_model_name)
         return None
 
+    @property
+    def inference_task(self) -> str | None:
+        return self.adapter.task if issubclass(self.adapter, LLMAdapter) else None
+
+    @property
+    def native_task(self) -> str:
+        return (
+            self.adapter.native_task if issubclass(self.adapter, LLMAdapter) else self.adapter.task
+        )
+
     def flavor_config(self, *, weights: list[WeightEntry], torch_dtype: str | None) -> FlavorConfig:
+        options = pooling_options(self.card_dir) if self.adapter is EmbeddingsAdapter else {}
         return FlavorConfig(
-            task=self.adapter.task,
+            task=self.native_task,
+            inference_task=self.inference_task,
+            task_options=options,
             source_model_name=self.source_model_name,
             torch_dtype=torch_dtype,
             pipeline_class=(
@@ -193,12 +207,6 @@ def _check_task(
 ) -> type[TaskAdapter]:
     if task is None:
         return get_adapter(infer_task(architecture, model_type))
-    if task.startswith("llm/v1/"):
-        raise UnsupportedTaskError(
-            f"Task '{task}' (OpenAI-compatible inference) is not supported yet; log the model "
-            "with its native task.",
-            param="task",
-        )
     adapter = get_adapter(task)
     if not model_can_do(adapter, architecture, model_type):
         raise UnsupportedTaskError(

@@ -32,6 +32,7 @@ def _checkpoint_fixture(name: str, builder: Callable[[Path], Path]) -> Callable[
 
 tiny_gpt2_dir = _checkpoint_fixture("tiny_gpt2_dir", tiny_models.build_gpt2)
 tiny_llama_dir = _checkpoint_fixture("tiny_llama_dir", tiny_models.build_llama)
+tiny_llama_sp_dir = _checkpoint_fixture("tiny_llama_sp_dir", tiny_models.build_llama_sentencepiece)
 tiny_t5_dir = _checkpoint_fixture("tiny_t5_dir", tiny_models.build_t5)
 tiny_bert_classifier_dir = _checkpoint_fixture(
     "tiny_bert_classifier_dir", tiny_models.build_bert_classifier

@@ -312,9 +312,26 @@ def build_llama_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_llama(dest: Path) -> Path:
-    """LlamaForCausalLM with a BPE tokenizer (bos ``<s>``, eos ``</s>``) and chat template."""
+    """LlamaForCausalLM with a byte-level BPE tokenizer (bos ``<s>``, eos ``</s>``)."""
+    return _build_llama(dest, build_llama_tokenizer())
+
+
+def build_llama_sentencepiece(dest: Path) -> Path:
+    """LlamaForCausalLM with a SentencePiece-style (Metaspace ``▁``) BPE tokenizer."""
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = _wrap(
+        _train_bpe(specials, byte_level=False, unk_token="<unk>"),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+        unk_token="<unk>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return _build_llama(dest, tokenizer)
+
+
+def _build_llama(dest: Path, tokenizer: PreTrainedTokenizerFast) -> Path:
     torch.manual_seed(0)
-    tokenizer = build_llama_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,

@@ -13,6 +13,10 @@ from mlflow_tfx_plugin.errors import UnsupportedTaskError
 from mlflow_tfx_plugin.tasks.architectures import mapping_names
 from mlflow_tfx_plugin.tasks.audio import SpeechRecognitionAdapter
 from mlflow_tfx_plugin.tasks.base import TaskAdapter
+from mlflow_tfx_plugin.tasks.chat import ChatAdapter
+from mlflow_tfx_plugin.tasks.completions import CompletionsAdapter
+from mlflow_tfx_plugin.tasks.embeddings import EmbeddingsAdapter
+from mlflow_tfx_plugin.tasks.llm import LLMAdapter
 from mlflow_tfx_plugin.tasks.question_answering import QuestionAnsweringAdapter
 from mlflow_tfx_plugin.tasks.seq2seq import (
     SummarizationAdapter,
@@ -46,6 +50,9 @@ ADAPTERS: dict[str, type[TaskAdapter]] = {
         TableQuestionAnsweringAdapter,
         SpeechRecognitionAdapter,
         ImageClassificationAdapter,
+        ChatAdapter,
+        CompletionsAdapter,
+        EmbeddingsAdapter,
     )
 }
 
@@ -156,4 +163,12 @@ def _flatten(values: object) -> set[str]:
     return names
 
 
-__all__ = ["ADAPTERS", "TaskAdapter", "get_adapter", "infer_task", "model_can_do", "pipeline"]
+__all__ = [
+    "ADAPTERS",
+    "LLMAdapter",
+    "TaskAdapter",
+    "get_adapter",
+    "infer_task",
+    "model_can_do",
+    "pipeline",
+]

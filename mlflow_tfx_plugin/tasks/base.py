@@ -66,6 +66,9 @@ class TaskAdapter(ABC):
     model_mappings: ClassVar[tuple[str, ...]] = ()
     #: The Auto class used to load the model for this task.
     auto_model_class: ClassVar[str] = "AutoModel"
+    #: Load with ``auto_model_class`` even when the checkpoint names a more specific class
+    #: (embeddings need the bare encoder of a ``...ForMaskedLM`` checkpoint).
+    load_with_auto_class: ClassVar[bool] = False
     #: Call parameters accepted at predict time, with their MLflow param type.
     call_params: ClassVar[dict[str, str]] = {}
     supports_prompt_template: ClassVar[bool] = False
@@ -85,15 +88,20 @@ class TaskAdapter(ABC):
         model_config: Mapping[str, Any] | None = None,
         prompt_template: str | None = None,
         signature_params: Iterable[str] = (),
+        model_name: str = "model",
     ) -> None:
         self.runner = runner
+        self.model_name = model_name
         self.model_config = dict(model_config or {})
         self.prompt_template = prompt_template
         self.allowed_params = set(self.call_params) | set(self.model_config) | set(signature_params)
 
     @classmethod
-    def build_runner(cls, components: Components) -> Any:
-        """Build the callable that runs the task (a transformers pipeline by default)."""
+    def build_runner(cls, components: Components, **task_options: Any) -> Any:
+        """Build the callable that runs the task (a transformers pipeline by default).
+
+        ``task_options`` are settings recorded at save time (e.g. embedding pooling).
+        """
         import transformers
 
         build: Any = transformers.pipeline  # its overloads want a literal task name

@@ -69,7 +69,7 @@ class QuestionAnsweringAdapter(TaskAdapter):
     input_schema = Schema([ColSpec("string", "question"), ColSpec("string", "context")])
 
     @classmethod
-    def build_runner(cls, components: Components) -> ExtractiveQARunner:
+    def build_runner(cls, components: Components, **task_options: Any) -> ExtractiveQARunner:
         return ExtractiveQARunner(model=components["model"], tokenizer=components["tokenizer"])
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:

@@ -59,7 +59,7 @@ class Text2TextGenerationAdapter(TaskAdapter):
     runner_class = Seq2SeqRunner
 
     @classmethod
-    def build_runner(cls, components: Components) -> Seq2SeqRunner:
+    def build_runner(cls, components: Components, **task_options: Any) -> Seq2SeqRunner:
         return Seq2SeqRunner(
             model=components["model"],
             tokenizer=components["tokenizer"],

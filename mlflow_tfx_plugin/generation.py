@@ -1,0 +1,250 @@
+"""Text generation for the llm/v1 tasks: batched ``generate``, exact stop strings, streaming.
+
+Stop strings use transformers' ``stop_strings`` (matched on decoded text, across token
+boundaries), and the returned text is cut before the first stop string, so it never
+contains one. Streaming holds back any tail that could still become a stop string, so
+the joined stream equals the non-streamed text.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.protocol import DEFAULT_MAX_TOKENS, GenerationParams
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated choice."""
+
+    text: str
+    finish_reason: FinishReason
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """The ``n`` choices generated for one prompt."""
+
+    prompt_tokens: int
+    completions: list[Completion]
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """A piece of streamed text; the last event carries the finish reason and counts."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class TextGenerator:
+    """Runs a causal LM on prompts with OpenAI semantics.
+
+    Args:
+        model: a ``PreTrainedModel`` for causal LM.
+        tokenizer: its tokenizer.
+        default_max_tokens: used when a request sets no ``max_tokens``.
+    """
+
+    def __init__(
+        self, model: Any, tokenizer: Any, *, default_max_tokens: int | None = None
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.default_max_tokens = default_max_tokens or _checkpoint_max_new_tokens(model)
+        self._lock = threading.Lock()  # generate() is not safe to run concurrently on one model
+
+    @property
+    def context_window(self) -> int:
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if isinstance(value := getattr(config, name, None), int):
+                return value
+        return int(self.tokenizer.model_max_length)
+
+    def generate(
+        self, prompts: Sequence[str], params: GenerationParams, *, add_special_tokens: bool = True
+    ) -> list[PromptResult]:
+        """Generate ``params.n`` choices for every prompt in one batched ``generate`` call."""
+        batch, prompt_lengths = self._encode(prompts, add_special_tokens)
+        kwargs = self._generate_kwargs(params, max(prompt_lengths))
+        with self._lock:
+            output = self._run(batch, kwargs, params.seed)
+        return self._split(output, batch["input_ids"].shape[1], prompt_lengths, params)
+
+    def stream(
+        self, prompt: str, params: GenerationParams, *, add_special_tokens: bool = True
+    ) -> Iterator[StreamDelta]:
+        """Stream one choice: text deltas, then a final event with the finish reason."""
+        from transformers import TextIteratorStreamer
+
+        if params.n != 1:
+            raise InvalidInputError("Streaming supports n=1 only.", param="n")
+        batch, [prompt_length] = self._encode([prompt], add_special_tokens)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = {**self._generate_kwargs(params, prompt_length), "streamer": streamer}
+        holder: dict[str, Any] = {}
+        thread = threading.Thread(target=self._run_into, args=(holder, batch, kwargs, params.seed))
+        thread.start()
+        yield from _stop_filtered(streamer, params.stop)
+        thread.join()
+        if "error" in holder:
+            raise holder["error"]
+        [result] = self._split(
+            holder["output"], batch["input_ids"].shape[1], [prompt_length], params
+        )
+        [completion] = result.completions
+        yield StreamDelta("", completion.finish_reason, prompt_length, completion.completion_tokens)
+
+    def count_tokens(self, text: str, *, add_special_tokens: bool = True) -> int:
+        return len(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def _encode(self, prompts: Sequence[str], add_special_tokens: bool) -> tuple[Any, list[int]]:
+        tokenizer = self.tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+        batch = tokenizer(
+            list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+        ).to(self.model.device)
+        lengths = [int(n) for n in batch["attention_mask"].sum(dim=1)]
+        window = self.context_window
+        for length in lengths:
+            if length >= window:
+                raise InvalidInputError(
+                    f"The prompt has {length} tokens, but the model's context window is {window} "
+                    "tokens. Shorten the prompt.",
+                    param="messages",
+                )
+        return batch, lengths
+
+    def _generate_kwargs(self, params: GenerationParams, prompt_length: int) -> dict[str, Any]:
+        room = self.context_window - prompt_length
+        max_new = min(params.max_tokens or self.default_max_tokens, room)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "do_sample": not params.greedy,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "return_dict_in_generate": True,
+        }
+        if not params.greedy:
+            kwargs.update(
+                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0
+            )
+            kwargs["num_return_sequences"] = params.n
+        else:  # neutralize sampling defaults a checkpoint's generation_config may carry
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if params.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = params.repetition_penalty
+        return kwargs
+
+    def _run(self, batch: Any, kwargs: dict[str, Any], seed: int | None) -> Any:
+        import torch
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.inference_mode():
+            return self.model.generate(**batch, **kwargs)
+
+    def _run_into(
+        self, holder: dict[str, Any], batch: Any, kwargs: dict[str, Any], seed: int | None
+    ) -> None:
+        try:
+            with self._lock:
+                holder["output"] = self._run(batch, kwargs, seed)
+        except Exception as err:  # re-raised in the consumer's thread
+            holder["error"] = err
+            kwargs["streamer"].end()
+
+    def _split(
+        self, output: Any, input_width: int, prompt_lengths: list[int], params: GenerationParams
+    ) -> list[PromptResult]:
+        rows = output.sequences[:, input_width:].tolist()
+        per_prompt = 1 if params.greedy else params.n
+        results = []
+        for index, prompt_length in enumerate(prompt_lengths):
+            choices = [
+                self._completion(row, params)
+                for row in rows[index * per_prompt : (index + 1) * per_prompt]
+            ]
+            if params.greedy:  # greedy choices are identical: generate once, return n copies
+                choices = choices * params.n
+            results.append(PromptResult(prompt_tokens=prompt_length, completions=choices))
+        return results
+
+    def _completion(self, token_ids: list[int], params: GenerationParams) -> Completion:
+        stop_ids = _eos_ids(self.model, self.tokenizer)
+        end = next((i + 1 for i, tok in enumerate(token_ids) if tok in stop_ids), None)
+        generated = (
+            token_ids[:end] if end else _strip_padding(token_ids, self.tokenizer.pad_token_id)
+        )
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        text, hit_stop = cut_at_stop(text, params.stop)
+        finish: FinishReason = "stop" if end is not None or hit_stop else "length"
+        return Completion(text=text, finish_reason=finish, completion_tokens=len(generated))
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` before the earliest occurrence of any stop string."""
+    positions = [pos for stop in stops if (pos := text.find(stop)) >= 0]
+    return (text[: min(positions)], True) if positions else (text, False)
+
+
+def _stop_filtered(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[StreamDelta]:
+    """Pass text through, holding back any tail that may still grow into a stop string."""
+    emitted, buffer = 0, ""
+    for piece in pieces:
+        buffer += piece
+        text, hit = cut_at_stop(buffer, stops)
+        if hit:
+            if len(text) > emitted:
+                yield StreamDelta(text[emitted:])
+            for _ in pieces:  # drain: generation stops on its own at the stop string
+                pass
+            return
+        safe = len(buffer) - _partial_stop_length(buffer, stops)
+        if safe > emitted:
+            yield StreamDelta(buffer[emitted:safe])
+            emitted = safe
+    if len(buffer) > emitted:
+        yield StreamDelta(buffer[emitted:])
+
+
+def _partial_stop_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+def _strip_padding(token_ids: list[int], pad_id: int | None) -> list[int]:
+    while token_ids and token_ids[-1] == pad_id:
+        token_ids = token_ids[:-1]
+    return token_ids
+
+
+def _checkpoint_max_new_tokens(model: Any) -> int:
+    value = getattr(getattr(model, "generation_config", None), "max_new_tokens", None)
+    return int(value) if value else DEFAULT_MAX_TOKENS

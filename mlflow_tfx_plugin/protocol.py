@@ -1,0 +1,330 @@
+"""OpenAI wire models: chat completions, completions and embeddings.
+
+Requests validate here, once (a bad field raises :class:`InvalidInputError` naming it);
+each request builds the internal :class:`GenerationParams`, so the adapters and the
+server never read raw dicts. Responses and stream chunks are pydantic models dumped to
+the JSON OpenAI clients expect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mlflow_tfx_plugin.errors import InvalidInputError
+
+_logger = logging.getLogger(__name__)
+
+#: Used when neither the request nor ``model_config`` nor the checkpoint sets a limit.
+DEFAULT_MAX_TOKENS = 256
+MAX_STOP_SEQUENCES = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationParams:
+    """What one generate call needs, resolved from request, model_config and defaults."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    repetition_penalty: float | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class OpenAIModel(BaseModel):
+    """Base of request models: extra fields are accepted and logged as ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_ignored_fields(self) -> OpenAIModel:
+        if self.model_extra:
+            _logger.info("Ignoring unsupported request fields: %s", sorted(self.model_extra))
+        return self
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _only_text_parts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind != "text":
+                    raise ValueError(f"only text content parts are supported, got type {kind!r}")
+        elif value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"must be a string or a list of text parts, got {type(value).__name__}"
+            )
+        return value
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it: plain-string content."""
+        message = self.model_dump(exclude_none=True, exclude={"content"})
+        return {**message, "content": self.text()}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _GenerationRequest(OpenAIModel):
+    """Sampling fields shared by chat and completions requests."""
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
+        if any(stop == "" for stop in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_openai_penalties(cls, value: float | None) -> float | None:
+        if value:
+            raise ValueError(
+                "is not supported (transformers has no additive penalty); use "
+                "'repetition_penalty' (e.g. 1.1) instead"
+            )
+        return value
+
+    def generation_params(self, defaults: Mapping[str, Any] | None = None) -> GenerationParams:
+        """Request values over ``model_config`` defaults over OpenAI's defaults."""
+        defaults = defaults or {}
+        stop = self.stop if self.stop is not None else defaults.get("stop")
+        return GenerationParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens or defaults.get("max_tokens"),
+            temperature=_first(self.temperature, defaults.get("temperature"), 1.0),
+            top_p=_first(self.top_p, defaults.get("top_p"), 1.0),
+            top_k=_first(self.top_k, defaults.get("top_k")),
+            n=self.n,
+            stop=tuple([stop] if isinstance(stop, str) else stop or ()),
+            seed=_first(self.seed, defaults.get("seed")),
+            repetition_penalty=_first(self.repetition_penalty, defaults.get("repetition_penalty")),
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be an empty list")
+        return value
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("'echo' is not supported: the prompt is never returned")
+        if self.suffix:
+            raise ValueError("'suffix' (insertion) is not supported by causal language models")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class EmbeddingRequest(OpenAIModel):
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("must not be an empty list")
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise ValueError("must not contain empty strings")
+        return value
+
+    @field_validator("dimensions")
+    @classmethod
+    def _no_dimensions(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError("is not supported: embeddings keep the model's own dimension")
+        return value
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int = 0) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str = Field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    """A ``text_completion``; stream chunks use the same shape with partial text."""
+
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def parse_request(model: type[RequestT], data: Any) -> RequestT:
+    """Validate a request dict; the first problem becomes an :class:`InvalidInputError`."""
+    if not isinstance(data, Mapping):
+        raise InvalidInputError(
+            f"Expected a JSON object for a {model.__name__}, got {type(data).__name__}.",
+            param=None,
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise _translate(err) from None
+
+
+def _translate(err: ValidationError) -> InvalidInputError:
+    error = err.errors()[0]
+    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function"))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        message = "is required"
+    return InvalidInputError(f"Invalid request: '{location}' {message}.", param=location or None)
+
+
+def _first(*values: Any) -> Any:
+    return next((value for value in values if value is not None), None)

@@ -1,0 +1,114 @@
+"""``llm/v1/chat``: OpenAI chat completions over a text-generation model's chat template."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
+
+from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.generation import TextGenerator
+from mlflow_tfx_plugin.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Delta,
+    ResponseMessage,
+    Usage,
+)
+from mlflow_tfx_plugin.tasks.base import Components
+from mlflow_tfx_plugin.tasks.llm import GENERATION_EXTRA_FIELDS, LLMAdapter, extend_schema
+from mlflow_tfx_plugin.tasks.text import TextGenerationAdapter
+
+
+class ChatAdapter(LLMAdapter):
+    """Chat completions: one ``chat.completion`` object per request (never a list of them)."""
+
+    task = "llm/v1/chat"
+    native_task = "text-generation"
+    model_mappings = TextGenerationAdapter.model_mappings
+    auto_model_class = TextGenerationAdapter.auto_model_class
+    request_model = ChatCompletionRequest
+    streamable = True
+    default_input_example: ClassVar[Any] = {
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]
+    }
+    input_schema = extend_schema(CHAT_MODEL_INPUT_SCHEMA, *GENERATION_EXTRA_FIELDS)
+    output_schema = CHAT_MODEL_OUTPUT_SCHEMA
+
+    @classmethod
+    def build_runner(cls, components: Components, **task_options: Any) -> TextGenerator:
+        return TextGenerator(components["model"], components["tokenizer"])
+
+    def respond(self, requests: list[ChatCompletionRequest]) -> list[dict[str, Any]]:
+        groups: dict[Any, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(request.generation_params(self.model_config), []).append(index)
+        responses: list[dict[str, Any]] = [{} for _ in requests]
+        for params, indices in groups.items():  # one batched generate per parameter set
+            prompts = [self.prompt(requests[i]) for i in indices]
+            results = self.runner.generate(prompts, params, add_special_tokens=False)
+            for index, result in zip(indices, results, strict=True):
+                responses[index] = self._response(requests[index], result).model_dump()
+        return responses
+
+    def stream(self, request: ChatCompletionRequest) -> Iterator[ChatCompletionChunk]:
+        params = request.generation_params(self.model_config)
+        events = self.runner.stream(self.prompt(request), params, add_special_tokens=False)
+        head = ChatCompletionChunk(
+            model=self.response_model_name(request),
+            choices=[ChatChunkChoice(index=0, delta=Delta(role="assistant", content=""))],
+        )
+        yield head
+        for event in events:
+            if event.text:
+                yield head.model_copy(
+                    update={"choices": [ChatChunkChoice(index=0, delta=Delta(content=event.text))]}
+                )
+            if event.finish_reason:
+                yield head.model_copy(
+                    update={
+                        "choices": [
+                            ChatChunkChoice(
+                                index=0, delta=Delta(), finish_reason=event.finish_reason
+                            )
+                        ]
+                    }
+                )
+                if request.include_usage:
+                    usage = Usage.of(event.prompt_tokens, event.completion_tokens)
+                    yield head.model_copy(update={"choices": [], "usage": usage})
+
+    def prompt(self, request: ChatCompletionRequest) -> str:
+        """The chat template applied to the request's messages, ready for generation."""
+        tokenizer = self.runner.tokenizer
+        template = tokenizer.chat_template or self.model_config.get("chat_template")
+        if not template:
+            raise InvalidInputError(
+                "The tokenizer has no chat template, so chat messages cannot be formatted. Set "
+                "`tokenizer.chat_template` before logging, or log with "
+                "model_config={'chat_template': '<jinja template>'}.",
+                param="messages",
+            )
+        messages = [message.for_template() for message in request.messages]
+        kwargs = {"tools": request.tools} if request.tools else {}
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False, **kwargs
+        )
+
+    def _response(self, request: ChatCompletionRequest, result: Any) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(
+                index=i, message=ResponseMessage(content=c.text), finish_reason=c.finish_reason
+            )
+            for i, c in enumerate(result.completions)
+        ]
+        completion_tokens = sum(c.completion_tokens for c in result.completions)
+        return ChatCompletionResponse(
+            model=self.response_model_name(request),
+            choices=choices,
+            usage=Usage.of(result.prompt_tokens, completion_tokens),
+        )

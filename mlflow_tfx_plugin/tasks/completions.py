@@ -1,0 +1,74 @@
+"""``llm/v1/completions``: OpenAI text completions over a text-generation model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from mlflow.types.llm import COMPLETIONS_MODEL_INPUT_SCHEMA, COMPLETIONS_MODEL_OUTPUT_SCHEMA
+
+from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.generation import TextGenerator
+from mlflow_tfx_plugin.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+)
+from mlflow_tfx_plugin.tasks.base import Components
+from mlflow_tfx_plugin.tasks.llm import GENERATION_EXTRA_FIELDS, LLMAdapter, extend_schema
+from mlflow_tfx_plugin.tasks.text import TextGenerationAdapter
+
+
+class CompletionsAdapter(LLMAdapter):
+    """Text completions; ``prompt`` may be a string or a list (choices ``n`` per prompt)."""
+
+    task = "llm/v1/completions"
+    native_task = "text-generation"
+    model_mappings = TextGenerationAdapter.model_mappings
+    auto_model_class = TextGenerationAdapter.auto_model_class
+    request_model = CompletionRequest
+    streamable = True
+    supports_prompt_template = True
+    default_input_example: ClassVar[Any] = {"prompt": "The capital of France is"}
+    input_schema = extend_schema(COMPLETIONS_MODEL_INPUT_SCHEMA, *GENERATION_EXTRA_FIELDS)
+    output_schema = COMPLETIONS_MODEL_OUTPUT_SCHEMA
+
+    @classmethod
+    def build_runner(cls, components: Components, **task_options: Any) -> TextGenerator:
+        return TextGenerator(components["model"], components["tokenizer"])
+
+    def respond(self, requests: list[CompletionRequest]) -> list[dict[str, Any]]:
+        responses = []
+        for request in requests:
+            params = request.generation_params(self.model_config)
+            results = self.runner.generate(self.apply_prompt_template(request.prompts), params)
+            choices = [
+                CompletionChoice(index=p * params.n + i, text=c.text, finish_reason=c.finish_reason)
+                for p, result in enumerate(results)
+                for i, c in enumerate(result.completions)
+            ]
+            usage = Usage.of(
+                sum(r.prompt_tokens for r in results),
+                sum(c.completion_tokens for r in results for c in r.completions),
+            )
+            response = CompletionResponse(
+                model=self.response_model_name(request), choices=choices, usage=usage
+            )
+            responses.append(response.model_dump())
+        return responses
+
+    def stream(self, request: CompletionRequest) -> Iterator[CompletionResponse]:
+        if len(request.prompts) != 1:
+            raise InvalidInputError("Streaming takes a single prompt.", param="prompt")
+        [prompt] = self.apply_prompt_template(request.prompts)
+        head = CompletionResponse(model=self.response_model_name(request), choices=[])
+        for event in self.runner.stream(prompt, request.generation_params(self.model_config)):
+            if event.text or event.finish_reason:
+                choice = CompletionChoice(
+                    index=0, text=event.text, finish_reason=event.finish_reason
+                )
+                yield head.model_copy(update={"choices": [choice]})
+            if event.finish_reason and request.include_usage:
+                usage = Usage.of(event.prompt_tokens, event.completion_tokens)
+                yield head.model_copy(update={"choices": [], "usage": usage})
