@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -25,23 +26,41 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def saved_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gpt2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny_models
 
-    import mlflow_tfx_plugin as tfx
-
-    checkpoint = tiny_models.build_gpt2(tmp_path_factory.mktemp("ckpt") / "gpt2")
-    target = tmp_path_factory.mktemp("saved") / "model"
-    tfx.save_model(checkpoint, target, model_config={"max_new_tokens": 3, "do_sample": False})
-    return target
+    return tiny_models.build_gpt2(tmp_path_factory.mktemp("ckpt") / "gpt2")
 
 
 @pytest.fixture(scope="module")
-def served_url(saved_gpt2: Path) -> Iterator[str]:
+def served_url(gpt2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import mlflow_tfx_plugin as tfx
+
+    target = tmp_path_factory.mktemp("saved") / "model"
+    tfx.save_model(gpt2_checkpoint, target, model_config={"max_new_tokens": 3, "do_sample": False})
+    with _serve(target) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def served_chat_url(
+    gpt2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    import mlflow_tfx_plugin as tfx
+
+    target = tmp_path_factory.mktemp("saved-chat") / "model"
+    tfx.save_model(gpt2_checkpoint, target, task="llm/v1/chat", model_config={"max_tokens": 4})
+    with _serve(target) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serve(model_path: Path) -> Iterator[str]:
+    """``mlflow models serve`` on 127.0.0.1 for the duration of the block."""
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(saved_gpt2)]
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_path)]
     cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -106,3 +125,20 @@ def test_serve_bad_input_is_a_400(served_url: str):
     )
     assert response.status_code == 400
     assert "error_code" in response.json()
+
+
+def test_serve_chat_returns_one_completion_object(served_chat_url: str):
+    body = {"messages": [{"role": "user", "content": "Hello"}], "temperature": 0}
+    response = requests.post(f"{served_chat_url}/invocations", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    completion = response.json()
+    assert completion["object"] == "chat.completion"
+    assert completion["usage"]["completion_tokens"] == 4
+    assert completion["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_serve_chat_bad_request_is_a_400(served_chat_url: str):
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 0}
+    response = requests.post(f"{served_chat_url}/invocations", json=body, timeout=60)
+    assert response.status_code == 400
+    assert "max_tokens" in response.json()["message"]

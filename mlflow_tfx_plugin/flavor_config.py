@@ -89,7 +89,7 @@ class FlavorConfig:
         if "processor_type" in data:
             components["processor"] = data["processor_type"]
         model_binary = data.get("model_binary")
-        inference_task = (metadata or {}).get("task")
+        inference_task = data.get("inference_task") or (metadata or {}).get("task")
         return StockFlavorConfig(
             task=data["task"],
             inference_task=inference_task if str(inference_task).startswith("llm/v1") else None,

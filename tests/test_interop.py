@@ -37,3 +37,20 @@ def test_stock_flavor_loads_checkpoint_saved_by_plugin(tiny_llama_dir: Path, tmp
 
     loaded = mlflow.transformers.load_model(str(tmp_path / "ours"))
     assert loaded("Hello", **GREEDY) == reference("Hello", **GREEDY)
+
+
+def test_loads_llm_chat_model_logged_by_stock_flavor(tiny_gpt2_dir: Path, tmp_path: Path):
+    pipe = transformers.pipeline("text-generation", model=str(tiny_gpt2_dir))
+    mlflow.transformers.save_model(
+        pipe, tmp_path / "stock", task="llm/v1/chat", pip_requirements=["transformers"]
+    )
+    request = {
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 3,
+        "temperature": 0,
+    }
+
+    response = tfx._load_pyfunc(str(tmp_path / "stock")).predict(request)
+
+    assert response["object"] == "chat.completion", "an object, not stock's list"
+    assert response["usage"]["completion_tokens"] == 3

@@ -340,3 +340,22 @@ def test_embeddings_base64_and_errors(embeddings_model: Any, minilm_dir: Path, t
         with pytest.raises(InvalidInputError) as excinfo:
             predictor.predict(bad)
         assert excinfo.value.param == param
+
+
+def test_seed_faq_model_config_defaults_include_stop(tiny_gpt2_dir: Path, tmp_path: Path):
+    """Seed 000 FAQ: model_config sets default temperature and stop sequences."""
+    tfx.save_model(tiny_gpt2_dir, tmp_path / "plain", task="llm/v1/completions")
+    full = tfx._load_pyfunc(str(tmp_path / "plain")).predict(
+        {"prompt": "Paris is", "temperature": 0, "max_tokens": 24}
+    )["choices"][0]["text"]
+    stop = full[3:6]
+
+    config = {"temperature": 0, "stop": [stop, "never-appears"], "max_tokens": 24}
+    tfx.save_model(tiny_gpt2_dir, tmp_path / "faq", task="llm/v1/completions", model_config=config)
+    model = mlflow.pyfunc.load_model(str(tmp_path / "faq"))
+
+    default = model.predict({"prompt": "Paris is"})["choices"][0]
+    overridden = model.predict({"prompt": "Paris is", "stop": ["never-appears"]})["choices"][0]
+    assert default["text"] == full[: full.find(stop)]
+    assert default["finish_reason"] == "stop"
+    assert overridden["text"] == full
