@@ -1,7 +1,8 @@
 """mlflow-tfx-plugin: track, register and serve Hugging Face Transformers models with MLflow.
 
 Public API (``import mlflow_tfx_plugin as tfx``): :func:`save_model`, :func:`log_model`,
-:func:`load_model`, :func:`generate_signature_output`, :func:`get_default_pip_requirements`,
+:func:`load_model`, :func:`persist_pretrained_model`, :func:`generate_signature_output`,
+:func:`get_default_pip_requirements`,
 :func:`pipeline` (runners for tasks transformers 5 removed) and :data:`FLAVOR_NAME`.
 ``_load_pyfunc`` is the pyfunc loader MLflow calls.
 """
@@ -14,6 +15,7 @@ from mlflow_tfx_plugin.flavor import (
     save_model,
 )
 from mlflow_tfx_plugin.flavor_config import FLAVOR_NAME
+from mlflow_tfx_plugin.persist import persist_pretrained_model
 from mlflow_tfx_plugin.requirements import get_default_pip_requirements
 from mlflow_tfx_plugin.tasks import pipeline
 
@@ -27,6 +29,7 @@ __all__ = [
     "get_default_pip_requirements",
     "load_model",
     "log_model",
+    "persist_pretrained_model",
     "pipeline",
     "save_model",
 ]

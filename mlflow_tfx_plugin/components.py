@@ -82,12 +82,17 @@ def detect_checkpoint_components(info: CheckpointInfo) -> dict[str, str]:
 
 
 def load_preprocessors(
-    directory: Path, classes: Mapping[str, str], *, trust_remote_code: bool = False
+    directory: Path | str,
+    classes: Mapping[str, str],
+    *,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> dict[str, Any]:
-    """Load the recorded preprocessors from a checkpoint directory."""
+    """Load the recorded preprocessors from a checkpoint directory (or a pinned repo id)."""
+    kwargs = {"revision": revision} if revision else {}
     return {
         name: resolve_class(class_name, fallback=AUTO_CLASSES[name]).from_pretrained(
-            str(directory), trust_remote_code=trust_remote_code
+            str(directory), trust_remote_code=trust_remote_code, **kwargs
         )
         for name, class_name in classes.items()
     }

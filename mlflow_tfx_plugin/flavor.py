@@ -72,11 +72,14 @@ def save_model(
 
     Args:
         transformers_model: a ``transformers.Pipeline``; a dict of components (``model``,
-            ``tokenizer``, ``feature_extractor``, ``image_processor``, ``processor``); or the
-            path of a local checkpoint directory, which is copied without loading weights.
+            ``tokenizer``, ``feature_extractor``, ``image_processor``, ``processor``); the
+            path of a local checkpoint directory, copied without loading weights; or a Hub
+            repo id ``"org/name[@revision]"``, logged as a reference without its weights.
         path: the directory to create. It must not exist or be empty.
         task: the native task (inferred from the pipeline or ``config.json`` when omitted).
-        save_pretrained: save the weights. ``False`` (reference-only) is not supported yet.
+        save_pretrained: save the weights. ``False`` records only a reference to the Hub
+            repo and the exact commit the model came from (resolved from the local HF
+            cache, or the Hub API); a Hub repo id as ``transformers_model`` always does.
         processor: an optional processor saved beside the model.
         torch_dtype: the dtype to load the model with, e.g. ``torch.bfloat16``.
         model_config: default call parameters, overridable per predict call via ``params``.
@@ -103,13 +106,9 @@ def save_model(
     """
     del validate_serving_input
     _compat.validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
-    if not save_pretrained:
-        raise InvalidInputError(
-            "save_pretrained=False (reference-only logging) is not supported yet; save the weights "
-            "with save_pretrained=True.",
-            param="save_pretrained",
-        )
-    source = resolve_source(transformers_model, task=task, processor=processor)
+    source = resolve_source(
+        transformers_model, task=task, processor=processor, save_pretrained=save_pretrained
+    )
     template = _validate_prompt_template(prompt_template, source.adapter)
     target = Path(path).absolute()
     _compat.validate_and_prepare_target_save_path(str(target))

@@ -66,10 +66,18 @@ class FlavorConfig:
             "instance_type": self.pipeline_class,
             "pipeline_model_type": self.model_class,
             "source_model_name": self.source_model_name,
-            "model_binary": self.model_dir,
             "components": stock_components,
             "transformers_version": self.transformers_version,
         }
+        if self.inference_task:
+            data["inference_task"] = self.inference_task
+        if self.reference_only:  # stock loads these from the Hub at the pinned commit
+            data["source_model_revision"] = self.source_model_revision
+            for name in stock_components:
+                data[f"{name}_name"] = self.source_model_name
+                data[f"{name}_revision"] = self.source_model_revision
+        else:
+            data["model_binary"] = self.model_dir
         for name in stock_components:
             data[f"{name}_type"] = self.components[name]
         if "processor" in self.components:

@@ -21,6 +21,7 @@ from mlflow_tfx_plugin.flavor_config import (
     STOCK_FLAVOR_NAME,
     FlavorConfig,
 )
+from mlflow_tfx_plugin.hub import HubReference, load_error
 from mlflow_tfx_plugin.tasks import get_adapter
 
 
@@ -50,15 +51,9 @@ def load_components(
     **from_pretrained_kwargs: Any,
 ) -> dict[str, Any]:
     """Load the model (with its PEFT adapter) and preprocessors of a saved model."""
-    if config.reference_only:
-        raise ModelNotFoundError(
-            f"The model at '{model_path}' was logged without weights (reference to "
-            f"'{config.source_model_name}'); loading reference-only models is not supported yet."
-        )
     trust_remote_code = bool(from_pretrained_kwargs.pop("trust_remote_code", False))
-    model_dir = model_path / config.model_dir
     model = _load_model(
-        model_dir,
+        _weights_location(model_path, config),
         config,
         device=device,
         torch_dtype=torch_dtype,
@@ -70,8 +65,20 @@ def load_components(
     return {comp.MODEL: model, **_load_preprocessors(model_path, config, trust_remote_code)}
 
 
+def _weights_location(model_path: Path, config: FlavorConfig) -> str | Path:
+    """The saved checkpoint, or for a reference-only model its repo id (pinned by _load_model)."""
+    if not config.reference_only:
+        return model_path / config.model_dir
+    if not config.source_model_name or not config.source_model_revision:
+        raise ModelNotFoundError(
+            f"The model at '{model_path}' was logged without weights and without the commit "
+            "they came from, so they cannot be fetched reproducibly. Log it again."
+        )
+    return config.source_model_name
+
+
 def _load_model(
-    model_dir: Path,
+    model_dir: str | Path,
     config: FlavorConfig,
     *,
     device: Any,
@@ -87,9 +94,17 @@ def _load_model(
         kwargs["dtype"] = as_torch_dtype(dtype)
     if device is not None and "device_map" not in kwargs:
         kwargs["device_map"] = device
-    return model_class.from_pretrained(
-        str(model_dir), trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
-    )
+    if config.reference_only:  # never a moving branch: the commit recorded at log time
+        kwargs["revision"] = config.source_model_revision
+    try:
+        return model_class.from_pretrained(
+            str(model_dir), trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+        )
+    except OSError as err:
+        if not config.reference_only:
+            raise
+        reference = HubReference(str(config.source_model_name), str(config.source_model_revision))
+        raise load_error(reference, err) from err
 
 
 def _load_preprocessors(
@@ -97,17 +112,24 @@ def _load_preprocessors(
 ) -> dict[str, Any]:
     loaded = {}
     for name, class_name in config.components.items():
-        directory = (
-            model_path / STOCK_COMPONENTS_DIR / name
-            if config.is_stock_layout
-            else model_path / config.model_dir
-        )
+        directory = _preprocessor_dir(model_path, config, name)
         loaded.update(
             comp.load_preprocessors(
-                directory, {name: class_name}, trust_remote_code=trust_remote_code
+                directory,
+                {name: class_name},
+                trust_remote_code=trust_remote_code,
+                revision=None if isinstance(directory, Path) else config.source_model_revision,
             )
         )
     return comp.unpack_processor(loaded)
+
+
+def _preprocessor_dir(model_path: Path, config: FlavorConfig, name: str) -> str | Path:
+    if not config.is_stock_layout:
+        return model_path / config.model_dir
+    directory = model_path / STOCK_COMPONENTS_DIR / name
+    # Stock reference-only models may keep no component files: fetch them at the commit.
+    return directory if directory.is_dir() else str(config.source_model_name)
 
 
 def _attach_peft_adapter(model: Any, adapter_dir: Path) -> Any:

@@ -7,6 +7,7 @@ checkpoint directory and returns the weights manifest.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -23,9 +24,20 @@ from mlflow_tfx_plugin.checkpoint import (
     copy_checkpoint,
     hash_weight_files,
     inspect_checkpoint,
+    is_weight_file,
 )
 from mlflow_tfx_plugin.errors import CheckpointError, InvalidInputError, UnsupportedTaskError
 from mlflow_tfx_plugin.flavor_config import MODEL_DIR, PEFT_DIR, STOCK_COMPONENTS_DIR, FlavorConfig
+from mlflow_tfx_plugin.hub import (
+    SMALL_FILE_IGNORE,
+    HubReference,
+    download_files,
+    looks_like_repo_id,
+    parse_repo_reference,
+    reference_from_cache_path,
+    resolve_reference,
+    weight_manifest,
+)
 from mlflow_tfx_plugin.tasks import LLMAdapter, TaskAdapter, get_adapter, infer_task, model_can_do
 from mlflow_tfx_plugin.tasks.base import Runner
 from mlflow_tfx_plugin.tasks.embeddings import EmbeddingsAdapter, pooling_options
@@ -55,6 +67,10 @@ class ModelSource:
     component_classes: dict[str, str]
     is_peft: bool = False
     base_model_name: str | None = None
+    #: Set for reference-only models: the repo and commit the weights come from.
+    reference: HubReference | None = None
+    #: For a Hub repo id input: the downloaded small files (config, tokenizer, ...).
+    small_files_dir: Path | None = None
 
     @property
     def model_dtype(self) -> str | None:
@@ -88,7 +104,9 @@ class ModelSource:
             task=self.native_task,
             inference_task=self.inference_task,
             task_options=options,
-            source_model_name=self.source_model_name,
+            source_model_name=self.reference.repo_id if self.reference else self.source_model_name,
+            source_model_revision=self.reference.commit if self.reference else None,
+            reference_only=self.reference is not None,
             torch_dtype=torch_dtype,
             pipeline_class=(
                 type(self.pipeline).__name__
@@ -104,32 +122,67 @@ class ModelSource:
 
 
 def resolve_source(
-    transformers_model: Any, *, task: str | None, processor: Any = None
+    transformers_model: Any,
+    *,
+    task: str | None,
+    processor: Any = None,
+    save_pretrained: bool = True,
 ) -> ModelSource:
     """Validate the model argument and the task; nothing is written yet.
+
+    ``save_pretrained=False`` (or a Hub repo id string) makes a reference-only source: the
+    weights stay on the Hub, pinned to the commit they came from.
 
     Raises:
         InvalidInputError: unsupported model type, unknown task, or a task the model
             cannot perform.
         CheckpointError: a checkpoint directory that is incomplete.
+        HubError: a reference that cannot be pinned to a commit.
     """
     if isinstance(transformers_model, (str, os.PathLike)):
-        return _checkpoint_source(Path(transformers_model), task)
+        text = str(transformers_model)
+        if not os.path.exists(text) and looks_like_repo_id(text):
+            return _hub_source(text, task)
+        source = _checkpoint_source(Path(transformers_model), task)
+        return _as_reference(source, Path(text)) if not save_pretrained else source
     if isinstance(transformers_model, Mapping):
         components = comp.validate_component_dict(transformers_model)
-        return _memory_source(components, task=task, pipeline=None, processor=processor)
-    if _is_pipeline(transformers_model):
+        source = _memory_source(components, task=task, pipeline=None, processor=processor)
+    elif _is_pipeline(transformers_model):
         components = comp.components_from_pipeline(transformers_model)
         task = task or transformers_model.task
-        return _memory_source(
+        source = _memory_source(
             components, task=task, pipeline=transformers_model, processor=processor
         )
-    raise InvalidInputError(
-        f"Cannot save a {type(transformers_model).__name__}: transformers_model must be a "
-        "transformers Pipeline, a dict of components with a 'model' key, or the path of a "
-        "local checkpoint directory.",
-        param="transformers_model",
+    else:
+        raise InvalidInputError(
+            f"Cannot save a {type(transformers_model).__name__}: transformers_model must be a "
+            "transformers Pipeline, a dict of components with a 'model' key, the path of a "
+            "local checkpoint directory, or a Hub repo id ('org/name[@revision]').",
+            param="transformers_model",
+        )
+    return source if save_pretrained else _as_reference(source, None)
+
+
+def _as_reference(source: ModelSource, checkpoint_path: Path | None) -> ModelSource:
+    """Turn a loaded or local source into a reference to the Hub snapshot it came from."""
+    name = (
+        str(checkpoint_path)
+        if checkpoint_path
+        else source.base_model_name or source.source_model_name
     )
+    reference = reference_from_cache_path(name) if name and os.path.isdir(name) else None
+    if reference is None and name and not os.path.isdir(name) and looks_like_repo_id(name):
+        reference = resolve_reference(name, prefer_cache=True)
+    if reference is None:
+        raise InvalidInputError(
+            f"save_pretrained=False needs a model loaded from the Hugging Face Hub (or its "
+            f"cache), but this one comes from the local directory '{name}', so there is nothing "
+            "to reference. Save the weights (save_pretrained=True), or load the model by repo id.",
+            param="save_pretrained",
+        )
+    source.reference = reference
+    return source
 
 
 def write_model_files(
@@ -137,7 +190,9 @@ def write_model_files(
 ) -> list[WeightEntry]:
     """Write ``model/`` (and ``peft/``, ``components/``); return the weights manifest."""
     model_dir = path / MODEL_DIR
-    if source.checkpoint is not None:
+    if source.reference is not None:
+        weights = _write_reference_files(source, path)
+    elif source.checkpoint is not None:
         weights = copy_checkpoint(
             source.checkpoint,
             model_dir,
@@ -150,11 +205,39 @@ def write_model_files(
     return weights
 
 
+def _hub_source(text: str, task: str | None) -> ModelSource:
+    """A Hub repo id: pinned to a commit; only its small files are downloaded."""
+    repo_id, revision = parse_repo_reference(text)
+    reference = resolve_reference(repo_id, revision, prefer_cache=False)
+    small_files = download_files(reference, ignore=SMALL_FILE_IGNORE)
+    config = small_files / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{reference} has no config.json, so it is not a Transformers model.")
+    info = CheckpointInfo(
+        path=small_files,
+        config=json.loads(config.read_text(encoding="utf-8")),
+        files=tuple(
+            sorted(str(p.relative_to(small_files)) for p in small_files.rglob("*") if p.is_file())
+        ),
+        weight_files=(),
+        pickle_weight_files=(),
+    )
+    adapter = _check_task(task, info.architecture, info.model_type)
+    return ModelSource(
+        adapter=adapter,
+        source_model_name=repo_id,
+        model_class=info.architecture,
+        component_classes=comp.detect_checkpoint_components(info),
+        reference=reference,
+        small_files_dir=small_files,
+    )
+
+
 def _checkpoint_source(path: Path, task: str | None) -> ModelSource:
     if not path.exists():
         raise CheckpointError(
             f"'{path}' is not a local directory. Pass the directory of a checkpoint written by "
-            "`save_pretrained`. (Logging a Hugging Face Hub repo id is not supported yet.)",
+            "`save_pretrained`, or a Hub repo id ('org/name[@revision]').",
             param="transformers_model",
         )
     if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
@@ -226,6 +309,34 @@ def _require_components(adapter: type[TaskAdapter], components: Mapping[str, Any
             "transformers_model dict.",
             param="transformers_model",
         )
+
+
+def _write_reference_files(source: ModelSource, path: Path) -> list[WeightEntry]:
+    """Small files only (config, generation config, tokenizer, ...); weights stay on the Hub."""
+    assert source.reference is not None
+    model_dir = path / MODEL_DIR
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if source.components is not None:
+        model = source.components[comp.MODEL]
+        base = model.get_base_model() if source.is_peft else model
+        base.config.save_pretrained(str(model_dir))
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(str(model_dir))
+        others = {name: value for name, value in source.components.items() if name != comp.MODEL}
+        comp.save_components(others, model_dir)
+        if source.is_peft:
+            model.save_pretrained(str(path / PEFT_DIR))
+    else:
+        _copy_small_files(source.small_files_dir or source.checkpoint.path, model_dir)  # type: ignore[union-attr]
+    return weight_manifest(source.reference)
+
+
+def _copy_small_files(source_dir: Path, model_dir: Path) -> None:
+    for file in sorted(source_dir.rglob("*")):
+        if file.is_file() and not is_weight_file(file.name):
+            target = model_dir / file.relative_to(source_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
 
 
 def _save_memory_components(components: Mapping[str, Any], path: Path) -> list[WeightEntry]:

@@ -1,0 +1,219 @@
+"""Turn a reference-only model into a self-contained one, in place.
+
+The weights of the pinned Hub snapshot are downloaded (or taken from the HF cache),
+checked against their sha256, and uploaded into the model's own artifact location. The
+order makes it safe: weights first, the rewritten MLmodel last. Until MLmodel is
+replaced the model is a loadable reference; after, it is complete; running again
+finishes an interrupted job and returns at once for a model already persisted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME
+
+from mlflow_tfx_plugin import _compat
+from mlflow_tfx_plugin.checkpoint import WeightEntry, hash_weight_files, is_weight_file
+from mlflow_tfx_plugin.flavor_config import (
+    FLAVOR_NAME,
+    STOCK_COMPONENTS_DIR,
+    STOCK_FLAVOR_NAME,
+    FlavorConfig,
+)
+from mlflow_tfx_plugin.hub import (
+    WEIGHT_PATTERNS,
+    HubReference,
+    download_files,
+    verify_files,
+    weight_manifest,
+)
+from mlflow_tfx_plugin.loading import read_flavor_config
+
+_logger = logging.getLogger(__name__)
+_SERVER_ARTIFACTS_SCHEME = "mlflow-artifacts:"
+
+
+@dataclass(frozen=True)
+class PersistResult:
+    """What :func:`persist_pretrained_model` uploaded."""
+
+    artifact_uri: str
+    reference: str
+    files: int
+    bytes: int
+    seconds: float
+
+
+def persist_pretrained_model(model_uri: str) -> PersistResult | None:
+    """Download a reference-only model's weights and store them with the model, in place.
+
+    Works for ``runs:/``, ``models:/m-...``, ``models:/name/version`` (and aliases) and
+    local paths, on local, SQL-backed and ``http://`` (proxied artifacts) stores, for
+    models of this flavor and of stock ``mlflow.transformers``.
+
+    Returns:
+        What was uploaded, or None when the model already holds its weights.
+
+    Raises:
+        HubError: the snapshot cannot be downloaded. IntegrityError: a file's sha256
+            differs from the recorded one. Nothing is changed in either case.
+
+    Example:
+        >>> tfx.persist_pretrained_model("models:/chat/1")  # doctest: +SKIP
+    """
+    return persist_at(artifact_location(model_uri))
+
+
+def persist_for_registration(
+    source: str,
+    *,
+    model_id: str | None = None,
+    run_id: str | None = None,
+    local_model_path: str | None = None,
+    store: Any = None,
+) -> PersistResult | None:
+    """The registry hook: persist ``source`` if it is a reference-only transformers model.
+
+    Costs one MLmodel read when there is nothing to do.
+    """
+    del run_id, store
+    location = _logged_model_location(model_id) if model_id else artifact_location(source)
+    local_mlmodel = Path(local_model_path, MLMODEL_FILE_NAME) if local_model_path else None
+    return persist_at(
+        location, local_mlmodel=local_mlmodel if local_mlmodel and local_mlmodel.is_file() else None
+    )
+
+
+def persist_at(artifact_uri: str, *, local_mlmodel: Path | None = None) -> PersistResult | None:
+    """Persist the model stored at ``artifact_uri`` (1. read, 2. fetch, 3. upload, 4. MLmodel)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repository = get_artifact_repository(_writable(artifact_uri))
+    with tempfile.TemporaryDirectory(prefix="tfx-persist-") as scratch:
+        mlmodel_path = local_mlmodel or Path(
+            repository.download_artifacts(MLMODEL_FILE_NAME, scratch)
+        )
+        model = Model.load(str(mlmodel_path))
+        if not _is_transformers(model):
+            return None
+        config = read_flavor_config(mlmodel_path.parent)
+        if not config.reference_only:
+            return None
+        started = time.monotonic()
+        reference = HubReference(str(config.source_model_name), str(config.source_model_revision))
+        snapshot, weights = _fetch_verified(reference, config)
+        _logger.info("Persisting %s into %s ...", reference, artifact_uri)
+        for file, target_dir in _uploads(snapshot, config):
+            repository.log_artifact(str(snapshot / file), artifact_path=target_dir)
+        _rewrite_mlmodel(model, config, weights, Path(scratch) / MLMODEL_FILE_NAME)
+        repository.log_artifact(str(Path(scratch) / MLMODEL_FILE_NAME))  # last: the switch
+    result = PersistResult(
+        artifact_uri=artifact_uri,
+        reference=str(reference),
+        files=len(weights),
+        bytes=sum(entry.size for entry in weights),
+        seconds=time.monotonic() - started,
+    )
+    _logger.info(
+        "Persisted %s: %d weight files, %.1f MB in %.1f s.",
+        reference,
+        result.files,
+        result.bytes / 1e6,
+        result.seconds,
+    )
+    return result
+
+
+def artifact_location(model_uri: str) -> str:
+    """The artifact URI where a model's files live (and can be written)."""
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    if model_uri.startswith("runs:/"):
+        return RunsArtifactRepository.get_underlying_uri(model_uri)
+    if model_uri.startswith("models:/m-"):
+        return _logged_model_location(model_uri.removeprefix("models:/").split("/")[0])
+    if model_uri.startswith("models:/"):
+        return artifact_location(ModelsArtifactRepository.get_underlying_uri(model_uri))
+    return model_uri
+
+
+def _logged_model_location(model_id: str) -> str:
+    store = _compat.server_tracking_store()
+    if store is not None:
+        return store.get_logged_model(model_id).artifact_location  # type: ignore[attr-defined]
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_logged_model(model_id).artifact_location
+
+
+def _writable(artifact_uri: str) -> str:
+    """Inside ``mlflow server``, ``mlflow-artifacts:/`` points at the server's own destination."""
+    destination = _compat.server_artifact_destination()
+    if destination and artifact_uri.startswith(_SERVER_ARTIFACTS_SCHEME):
+        path = artifact_uri.removeprefix(_SERVER_ARTIFACTS_SCHEME).lstrip("/")
+        return f"{destination.rstrip('/')}/{path}"
+    return artifact_uri
+
+
+def _is_transformers(model: Model) -> bool:
+    return FLAVOR_NAME in model.flavors or STOCK_FLAVOR_NAME in model.flavors
+
+
+def _fetch_verified(
+    reference: HubReference, config: FlavorConfig
+) -> tuple[Path, list[WeightEntry]]:
+    """Download the snapshot's weights (all files for stock models) and check every sha256."""
+    expected = config.weights or weight_manifest(reference)
+    allow = None if config.is_stock_layout else [*WEIGHT_PATTERNS, "*.bin.index.json"]
+    snapshot = download_files(reference, allow=allow)
+    if expected:
+        return snapshot, verify_files(snapshot, expected)
+    _logger.warning(
+        "No sha256 is known for %s's weights; recording the downloaded files' hashes.", reference
+    )
+    return snapshot, hash_weight_files(snapshot)
+
+
+def _uploads(snapshot: Path, config: FlavorConfig) -> list[tuple[str, str]]:
+    """(file in the snapshot, artifact dir): weights into ``model/``; for stock models the
+    whole snapshot there, and its preprocessor files into ``components/<name>/`` too."""
+    files = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
+    if not config.is_stock_layout:
+        weights = [f for f in files if f.endswith((".safetensors", ".index.json"))]
+        return [(f, str(Path(config.model_dir, f).parent)) for f in weights]
+    uploads = [(f, str(Path(config.model_dir, f).parent)) for f in files]
+    small = [f for f in files if not is_weight_file(f) and "/" not in f]
+    for name in config.components:
+        uploads += [(f, f"{STOCK_COMPONENTS_DIR}/{name}") for f in small]
+    return uploads
+
+
+def _rewrite_mlmodel(
+    model: Model, config: FlavorConfig, weights: list[WeightEntry], target: Path
+) -> None:
+    config.reference_only = False
+    config.weights = weights
+    if FLAVOR_NAME in model.flavors:  # ours: both sections come from the config
+        model.flavors[FLAVOR_NAME] = config.to_dict()
+        model.flavors[STOCK_FLAVOR_NAME] = config.to_stock_dict()
+    else:  # a stock model, rewritten the way stock's own persist does
+        model.flavors[STOCK_FLAVOR_NAME] = _persisted_stock_section(
+            model.flavors[STOCK_FLAVOR_NAME], config.model_dir
+        )
+    os.makedirs(target.parent, exist_ok=True)
+    model.save(str(target))
+
+
+def _persisted_stock_section(section: dict[str, Any], model_dir: str) -> dict[str, Any]:
+    pinned = {key for key in section if key.endswith(("_name", "_revision"))}
+    kept = {k: v for k, v in section.items() if k not in pinned or k == "source_model_name"}
+    return {**kept, "model_binary": model_dir}
