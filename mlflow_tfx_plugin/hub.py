@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
 from mlflow_tfx_plugin.checkpoint import (
     PICKLE_WEIGHT_SUFFIXES,
     SAFETENSORS_SUFFIX,
@@ -48,7 +50,13 @@ HELP = (
 
 
 class HubError(TfxError):
-    """The Hub (or the local HF cache) could not provide what a reference names."""
+    """The Hub (or the local HF cache) could not provide what a reference names.
+
+    A 400, not a 5xx: MLflow's REST client retries 5xx answers with long back-offs, and
+    a registration whose source cannot be fetched should fail at once with the reason.
+    """
+
+    default_error_code = INVALID_PARAMETER_VALUE
 
 
 class IntegrityError(HubError):

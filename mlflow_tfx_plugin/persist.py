@@ -94,16 +94,11 @@ def persist_for_registration(
 
 def persist_at(artifact_uri: str, *, local_mlmodel: Path | None = None) -> PersistResult | None:
     """Persist the model stored at ``artifact_uri`` (1. read, 2. fetch, 3. upload, 4. MLmodel)."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    repository = get_artifact_repository(_writable(artifact_uri))
     with tempfile.TemporaryDirectory(prefix="tfx-persist-") as scratch:
-        mlmodel_path = local_mlmodel or Path(
-            repository.download_artifacts(MLMODEL_FILE_NAME, scratch)
-        )
-        model = Model.load(str(mlmodel_path))
-        if not _is_transformers(model):
+        found = _read_mlmodel(artifact_uri, scratch, local_mlmodel)
+        if found is None:
             return None
+        repository, mlmodel_path, model = found
         config = read_flavor_config(mlmodel_path.parent)
         if not config.reference_only:
             return None
@@ -130,6 +125,24 @@ def persist_at(artifact_uri: str, *, local_mlmodel: Path | None = None) -> Persi
         result.seconds,
     )
     return result
+
+
+def _read_mlmodel(
+    artifact_uri: str, scratch: str, local_mlmodel: Path | None
+) -> tuple[Any, Path, Model] | None:
+    """The store's repository and MLmodel of a transformers model; None for anything else
+    (no MLmodel, another flavor, a store this environment cannot read): those register as
+    MLflow alone would register them."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        repository = get_artifact_repository(_writable(artifact_uri))
+        mlmodel = local_mlmodel or Path(repository.download_artifacts(MLMODEL_FILE_NAME, scratch))
+        model = Model.load(str(mlmodel))
+    except Exception as err:  # not ours to judge: MLflow validates sources itself
+        _logger.debug("No readable MLmodel at %s (%s); nothing to persist.", artifact_uri, err)
+        return None
+    return (repository, mlmodel, model) if _is_transformers(model) else None
 
 
 def artifact_location(model_uri: str) -> str:

@@ -43,3 +43,11 @@ def test_non_transformers_models_are_ignored(tmp_path: Path):
 
     mlflow.pyfunc.save_model(tmp_path / "echo", python_model=Echo())
     assert persist_at(str(tmp_path / "echo")) is None
+
+
+def test_sources_without_mlmodel_register_as_mlflow_would(tracking_uri: str, tmp_path: Path):
+    (tmp_path / "not-a-model").mkdir()
+    client = mlflow.MlflowClient()
+    client.create_registered_model("plain")
+    version = client.create_model_version("plain", str(tmp_path / "not-a-model"))
+    assert int(version.version) == 1
