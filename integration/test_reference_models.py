@@ -201,3 +201,42 @@ def test_persist_stock_reference_model(hub: LocalHub, store: str):
     assert "source_model_revision" not in conf
     reloaded = mlflow.transformers.load_model(info.model_uri)  # stock still loads it
     assert reloaded("Hello", **GREEDY) == pipe("Hello", **GREEDY)
+
+
+def test_peft_reference_persists_base_weights_under_base_keys(
+    hub: LocalHub, checkpoint: Path, store: str
+):
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(REPO)
+    lora = peft.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False)
+    model = peft.get_peft_model(base, lora)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(REPO)
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    expected = pipe("Hello", **GREEDY)
+
+    with mlflow.start_run():
+        info = tfx.log_model(pipe, name="model", save_pretrained=False)
+    assert info.flavors["tfx"]["source_model_name"] == REPO
+    assert "peft/adapter_config.json" in _model_files(info.model_uri)
+    tfx.persist_pretrained_model(info.model_uri)
+
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    persisted = set(load_file(local / "model" / "model.safetensors"))
+    assert persisted == set(load_file(checkpoint / "model.safetensors")), "base keys, no LoRA names"
+    reloaded = tfx.load_model(info.model_uri)
+    assert isinstance(reloaded.model, peft.PeftModel)
+    assert reloaded("Hello", **GREEDY) == expected
+
+
+def test_registering_a_stock_reference_persists_it(hub: LocalHub, store: str):
+    pipe = transformers.pipeline("text-generation", model=REPO)
+    with mlflow.start_run():
+        info = mlflow.transformers.log_model(
+            pipe, name="model", save_pretrained=False, pip_requirements=["transformers"]
+        )
+    version = mlflow.register_model(info.model_uri, "stock-ref")
+
+    conf = mlflow.models.get_model_info(f"models:/stock-ref/{version.version}").flavors
+    assert conf["transformers"]["model_binary"] == "model"
+    reloaded = mlflow.transformers.load_model(f"models:/stock-ref/{version.version}")
+    assert reloaded("Hello", **GREEDY) == pipe("Hello", **GREEDY)
