@@ -240,3 +240,35 @@ def test_registering_a_stock_reference_persists_it(hub: LocalHub, store: str):
     assert conf["transformers"]["model_binary"] == "model"
     reloaded = mlflow.transformers.load_model(f"models:/stock-ref/{version.version}")
     assert reloaded("Hello", **GREEDY) == pipe("Hello", **GREEDY)
+
+
+def test_persist_survives_a_dropped_connection(
+    hub: LocalHub, store: str, monkeypatch: pytest.MonkeyPatch
+):
+    with mlflow.start_run():
+        info = tfx.log_model(REPO, name="model")
+    hub.set_faults(path_glob="*.safetensors", drop_after_bytes=50_000, times=1)
+    monkeypatch.setattr(
+        "huggingface_hub.file_download.time.sleep", lambda _: None
+    )  # its retry wait
+
+    assert tfx.persist_pretrained_model(info.model_uri) is not None
+
+    dropped = [r for r in hub.requests if r.dropped]
+    assert dropped, "the first download was cut off"
+    conf = mlflow.models.get_model_info(info.model_uri).flavors["tfx"]
+    assert conf["reference_only"] is False
+    assert conf["weights"] == info.flavors["tfx"]["weights"], "verified against the Hub's sha256"
+
+
+def test_checkpoint_inside_the_hf_cache_is_a_reference(hub: LocalHub, tmp_path: Path):
+    from huggingface_hub import snapshot_download
+
+    snapshot = snapshot_download(REPO)
+    tfx.save_model(snapshot, tmp_path / "m", save_pretrained=False)
+
+    conf = mlflow.models.Model.load(str(tmp_path / "m" / "MLmodel")).flavors["tfx"]
+    assert conf["reference_only"] is True
+    assert conf["source_model_name"] == REPO
+    assert conf["source_model_revision"] == hub.head(REPO)
+    assert not (tmp_path / "m" / "model" / "model.safetensors").exists()
