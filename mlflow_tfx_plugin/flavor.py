@@ -33,7 +33,12 @@ from mlflow_tfx_plugin.flavor_config import (
     STOCK_FLAVOR_NAME,
     FlavorConfig,
 )
-from mlflow_tfx_plugin.loading import as_torch_dtype, load_components, read_flavor_config
+from mlflow_tfx_plugin.loading import (
+    as_torch_dtype,
+    flavor_config_of,
+    load_components,
+    read_flavor_config,
+)
 from mlflow_tfx_plugin.model_card import write_model_card
 from mlflow_tfx_plugin.pyfunc import TfxPyfuncModel, to_python
 from mlflow_tfx_plugin.requirements import get_default_pip_requirements
@@ -252,10 +257,10 @@ def load_model(
 def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> TfxPyfuncModel:
     """Entry point for ``mlflow.pyfunc.load_model``: the model as a pyfunc predictor."""
     local_path = Path(path)
-    config = read_flavor_config(local_path)
+    mlmodel = Model.load(str(local_path / MLMODEL_FILE_NAME))
+    config = flavor_config_of(mlmodel, local_path)
     components = load_components(local_path, config)
     adapter_cls = get_adapter(config.adapter_task)
-    mlmodel = Model.load(str(local_path / MLMODEL_FILE_NAME))
     params_schema = mlmodel.signature.params if mlmodel.signature else None
     # mlflow.pyfunc passes the saved model_config merged with overrides; a direct call
     # (the deployment server) gets the saved one as the base.

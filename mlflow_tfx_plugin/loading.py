@@ -30,7 +30,11 @@ def read_flavor_config(model_path: Path) -> FlavorConfig:
     mlmodel_path = model_path / MLMODEL_FILE_NAME
     if not mlmodel_path.is_file():
         raise ModelNotFoundError(f"'{model_path}' is not an MLflow model: it has no MLmodel file.")
-    model = Model.load(str(mlmodel_path))
+    return flavor_config_of(Model.load(str(mlmodel_path)), model_path)
+
+
+def flavor_config_of(model: Model, model_path: Path | str = "the model") -> FlavorConfig:
+    """The flavor config in an already-parsed MLmodel."""
     if FLAVOR_NAME in model.flavors:
         return FlavorConfig.from_dict(model.flavors[FLAVOR_NAME])
     if STOCK_FLAVOR_NAME in model.flavors:

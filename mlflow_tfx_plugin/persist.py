@@ -35,7 +35,7 @@ from mlflow_tfx_plugin.hub import (
     verify_files,
     weight_manifest,
 )
-from mlflow_tfx_plugin.loading import read_flavor_config
+from mlflow_tfx_plugin.loading import flavor_config_of
 
 _logger = logging.getLogger(__name__)
 _SERVER_ARTIFACTS_SCHEME = "mlflow-artifacts:"
@@ -98,8 +98,8 @@ def persist_at(artifact_uri: str, *, local_mlmodel: Path | None = None) -> Persi
         found = _read_mlmodel(artifact_uri, scratch, local_mlmodel)
         if found is None:
             return None
-        repository, mlmodel_path, model = found
-        config = read_flavor_config(mlmodel_path.parent)
+        repository, model = found
+        config = flavor_config_of(model, artifact_uri)
         if not config.reference_only:
             return None
         started = time.monotonic()
@@ -129,7 +129,7 @@ def persist_at(artifact_uri: str, *, local_mlmodel: Path | None = None) -> Persi
 
 def _read_mlmodel(
     artifact_uri: str, scratch: str, local_mlmodel: Path | None
-) -> tuple[Any, Path, Model] | None:
+) -> tuple[Any, Model] | None:
     """The store's repository and MLmodel of a transformers model; None for anything else
     (no MLmodel, another flavor, a store this environment cannot read): those register as
     MLflow alone would register them."""
@@ -142,7 +142,7 @@ def _read_mlmodel(
     except Exception as err:  # not ours to judge: MLflow validates sources itself
         _logger.debug("No readable MLmodel at %s (%s); nothing to persist.", artifact_uri, err)
         return None
-    return (repository, mlmodel, model) if _is_transformers(model) else None
+    return (repository, model) if _is_transformers(model) else None
 
 
 def artifact_location(model_uri: str) -> str:
