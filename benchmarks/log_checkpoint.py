@@ -121,6 +121,7 @@ def _build(target_dir: str, size_gb_text: str) -> None:
     )
     torch.manual_seed(0)
     partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted build
     transformers.LlamaForCausalLM(config).save_pretrained(partial)
     build_llama_tokenizer().save_pretrained(partial)
     partial.rename(target)

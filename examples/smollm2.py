@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,8 +46,16 @@ def ensure_smollm2_checkpoint(cache_dir: Path = DEFAULT_CACHE) -> Path:
     model = transformers.LlamaForCausalLM(loaded.config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    partial = target.with_name(target.name + ".partial")
+    # A private partial directory, renamed into place: concurrent first runs (parallel CI
+    # jobs sharing a cache) each convert, and the first rename wins.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another process finished first
     return target
