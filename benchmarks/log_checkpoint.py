@@ -160,13 +160,19 @@ def bench_mode(name: str, checkpoint: Path, workdir: Path) -> Sample:
         shutil.rmtree(store, ignore_errors=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_arguments(doc: str) -> argparse.Namespace:
+    """``--size-gb``, ``--repeat`` and ``--workdir`` (created), shared by the benchmarks."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tfx-bench")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    args = bench_arguments(__doc__ or "")
     checkpoint = build_checkpoint(args.workdir, args.size_gb)
     size_mb = sum(f.stat().st_size for f in checkpoint.iterdir()) / 1e6
     names = ["cp -r (d)", *MODES, TINY_MODE]

@@ -19,13 +19,11 @@ persisting only. Prints a Markdown table with ratios to ``cp``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -34,7 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from log_checkpoint import Sample, build_checkpoint, print_table, run_child  # noqa: E402
+from log_checkpoint import (  # noqa: E402
+    Sample,
+    bench_arguments,
+    build_checkpoint,
+    print_table,
+    run_child,
+)
 
 from integration.hub_server import LocalHub, hf_client_env  # noqa: E402
 
@@ -84,12 +88,7 @@ print(json.dumps({"op_s": time.perf_counter() - start}))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gb", type=float, default=1.0)
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tfx-bench")
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = bench_arguments(__doc__ or "")
     checkpoint = build_checkpoint(args.workdir, args.size_gb)
     hub = LocalHub()
     hub.add_repo_from_dir(REPO, checkpoint)
