@@ -67,10 +67,6 @@ class CheckpointInfo:
     def has_tokenizer(self) -> bool:
         return any(name in self.files for name in TOKENIZER_FILES)
 
-    @property
-    def is_sentence_transformer(self) -> bool:
-        return "modules.json" in self.files
-
 
 def is_weight_file(name: str) -> bool:
     """Whether a file name is a weight file (safetensors or pickle-based)."""
@@ -122,7 +118,6 @@ def copy_checkpoint(
     *,
     hardlink: bool = False,
     convert_pickle_weights: bool = False,
-    exclude: Iterable[str] = (),
 ) -> list[WeightEntry]:
     """Copy a checkpoint's files into ``destination`` and return its weights manifest.
 
@@ -135,7 +130,6 @@ def copy_checkpoint(
             otherwise change the saved model too.
         convert_pickle_weights: convert ``*.bin`` weights to safetensors (loaded with
             ``torch.load(weights_only=True)``) instead of refusing them.
-        exclude: relative paths not to copy.
 
     Returns:
         One entry per weight file written, with its size and sha256.
@@ -144,7 +138,6 @@ def copy_checkpoint(
         UnsafeWeightsError: the checkpoint holds pickle-based weights and no safetensors,
             and ``convert_pickle_weights`` is False.
     """
-    skipped = set(exclude)
     if info.pickle_weight_files and not info.weight_files and not convert_pickle_weights:
         raise UnsafeWeightsError(
             f"'{info.path}' stores its weights as pickle files "
@@ -153,7 +146,7 @@ def copy_checkpoint(
             "`convert_pickle_weights=True` to convert them to safetensors while logging."
         )
     # Pickle files are never copied: safetensors beside them win, or they are converted.
-    skipped.update(info.pickle_weight_files)
+    skipped = set(info.pickle_weight_files)
     destination.mkdir(parents=True, exist_ok=True)
     manifest = []
     for name in info.files:

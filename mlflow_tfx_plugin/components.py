@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow_tfx_plugin.checkpoint import TOKENIZER_FILES, CheckpointInfo
+from mlflow_tfx_plugin.checkpoint import CheckpointInfo
 from mlflow_tfx_plugin.errors import InvalidInputError
 
 MODEL = "model"
@@ -118,7 +118,3 @@ def resolve_class(class_name: str, *, fallback: str) -> Any:
     import transformers
 
     return getattr(transformers, class_name, None) or getattr(transformers, fallback)
-
-
-def has_tokenizer_files(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in TOKENIZER_FILES)

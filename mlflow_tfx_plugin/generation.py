@@ -105,9 +105,6 @@ class TextGenerator:
         [completion] = result.completions
         yield StreamDelta("", completion.finish_reason, prompt_length, completion.completion_tokens)
 
-    def count_tokens(self, text: str, *, add_special_tokens: bool = True) -> int:
-        return len(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
     def _encode(self, prompts: Sequence[str], add_special_tokens: bool) -> tuple[Any, list[int]]:
         tokenizer = self.tokenizer
         if tokenizer.pad_token_id is None:
