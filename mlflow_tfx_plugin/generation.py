@@ -60,6 +60,10 @@ class TextGenerator:
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+        self.stop_token_ids = _eos_ids(model, tokenizer)
         self.default_max_tokens = default_max_tokens or _checkpoint_max_new_tokens(model)
         self._lock = threading.Lock()  # generate() is not safe to run concurrently on one model
 
@@ -106,11 +110,7 @@ class TextGenerator:
         yield StreamDelta("", completion.finish_reason, prompt_length, completion.completion_tokens)
 
     def _encode(self, prompts: Sequence[str], add_special_tokens: bool) -> tuple[Any, list[int]]:
-        tokenizer = self.tokenizer
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
-        batch = tokenizer(
+        batch = self.tokenizer(
             list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
         ).to(self.model.device)
         lengths = [int(n) for n in batch["attention_mask"].sum(dim=1)]
@@ -181,8 +181,7 @@ class TextGenerator:
         return results
 
     def _completion(self, token_ids: list[int], params: GenerationParams) -> Completion:
-        stop_ids = _eos_ids(self.model, self.tokenizer)
-        end = next((i + 1 for i, tok in enumerate(token_ids) if tok in stop_ids), None)
+        end = next((i + 1 for i, tok in enumerate(token_ids) if tok in self.stop_token_ids), None)
         generated = (
             token_ids[:end] if end else _strip_padding(token_ids, self.tokenizer.pad_token_id)
         )
