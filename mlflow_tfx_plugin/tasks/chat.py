@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 
 from mlflow_tfx_plugin.errors import InvalidInputError
-from mlflow_tfx_plugin.generation import TextGenerator
 from mlflow_tfx_plugin.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -19,29 +18,19 @@ from mlflow_tfx_plugin.protocol import (
     ResponseMessage,
     Usage,
 )
-from mlflow_tfx_plugin.tasks.base import Components
-from mlflow_tfx_plugin.tasks.llm import GENERATION_EXTRA_FIELDS, LLMAdapter, extend_schema
-from mlflow_tfx_plugin.tasks.text import TextGenerationAdapter
+from mlflow_tfx_plugin.tasks.llm import GENERATION_EXTRA_FIELDS, GenerativeAdapter, extend_schema
 
 
-class ChatAdapter(LLMAdapter):
+class ChatAdapter(GenerativeAdapter):
     """Chat completions: one ``chat.completion`` object per request (never a list of them)."""
 
     task = "llm/v1/chat"
-    native_task = "text-generation"
-    model_mappings = TextGenerationAdapter.model_mappings
-    auto_model_class = TextGenerationAdapter.auto_model_class
     request_model = ChatCompletionRequest
-    streamable = True
     default_input_example: ClassVar[Any] = {
         "messages": [{"role": "user", "content": "What is the capital of France?"}]
     }
     input_schema = extend_schema(CHAT_MODEL_INPUT_SCHEMA, *GENERATION_EXTRA_FIELDS)
     output_schema = CHAT_MODEL_OUTPUT_SCHEMA
-
-    @classmethod
-    def build_runner(cls, components: Components, **task_options: Any) -> TextGenerator:
-        return TextGenerator(components["model"], components["tokenizer"])
 
     def respond(self, requests: list[ChatCompletionRequest]) -> list[dict[str, Any]]:
         groups: dict[Any, list[int]] = {}

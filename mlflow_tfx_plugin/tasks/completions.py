@@ -8,35 +8,24 @@ from typing import Any, ClassVar
 from mlflow.types.llm import COMPLETIONS_MODEL_INPUT_SCHEMA, COMPLETIONS_MODEL_OUTPUT_SCHEMA
 
 from mlflow_tfx_plugin.errors import InvalidInputError
-from mlflow_tfx_plugin.generation import TextGenerator
 from mlflow_tfx_plugin.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     Usage,
 )
-from mlflow_tfx_plugin.tasks.base import Components
-from mlflow_tfx_plugin.tasks.llm import GENERATION_EXTRA_FIELDS, LLMAdapter, extend_schema
-from mlflow_tfx_plugin.tasks.text import TextGenerationAdapter
+from mlflow_tfx_plugin.tasks.llm import GENERATION_EXTRA_FIELDS, GenerativeAdapter, extend_schema
 
 
-class CompletionsAdapter(LLMAdapter):
+class CompletionsAdapter(GenerativeAdapter):
     """Text completions; ``prompt`` may be a string or a list (choices ``n`` per prompt)."""
 
     task = "llm/v1/completions"
-    native_task = "text-generation"
-    model_mappings = TextGenerationAdapter.model_mappings
-    auto_model_class = TextGenerationAdapter.auto_model_class
     request_model = CompletionRequest
-    streamable = True
     supports_prompt_template = True
     default_input_example: ClassVar[Any] = {"prompt": "The capital of France is"}
     input_schema = extend_schema(COMPLETIONS_MODEL_INPUT_SCHEMA, *GENERATION_EXTRA_FIELDS)
     output_schema = COMPLETIONS_MODEL_OUTPUT_SCHEMA
-
-    @classmethod
-    def build_runner(cls, components: Components, **task_options: Any) -> TextGenerator:
-        return TextGenerator(components["model"], components["tokenizer"])
 
     def respond(self, requests: list[CompletionRequest]) -> list[dict[str, Any]]:
         responses = []

@@ -17,8 +17,10 @@ from mlflow.types.schema import ColSpec, Object, Property, Schema
 from pydantic import BaseModel
 
 from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.generation import TextGenerator
 from mlflow_tfx_plugin.protocol import parse_request
-from mlflow_tfx_plugin.tasks.base import TaskAdapter
+from mlflow_tfx_plugin.tasks.base import Components, TaskAdapter
+from mlflow_tfx_plugin.tasks.text import TextGenerationAdapter
 
 
 class LLMAdapter(TaskAdapter):
@@ -88,6 +90,19 @@ def _present(record: Any) -> Any:
         for k, v in record.items()
         if v is not None and not (isinstance(v, float) and math.isnan(v))
     }
+
+
+class GenerativeAdapter(LLMAdapter):
+    """Chat and completions: a causal LM driven by :class:`TextGenerator`."""
+
+    native_task = TextGenerationAdapter.task
+    model_mappings = TextGenerationAdapter.model_mappings
+    auto_model_class = TextGenerationAdapter.auto_model_class
+    streamable = True
+
+    @classmethod
+    def build_runner(cls, components: Components, **task_options: Any) -> TextGenerator:
+        return TextGenerator(components["model"], components["tokenizer"])
 
 
 #: Request fields this flavor accepts beyond MLflow's public chat/completions schemas
