@@ -86,16 +86,27 @@ class TextGenerator:
         return self._split(output, batch["input_ids"].shape[1], prompt_lengths, params)
 
     def stream(
-        self, prompt: str, params: GenerationParams, *, add_special_tokens: bool = True
+        self,
+        prompt: str,
+        params: GenerationParams,
+        *,
+        add_special_tokens: bool = True,
+        cancel: threading.Event | None = None,
     ) -> Iterator[StreamDelta]:
-        """Stream one choice: text deltas, then a final event with the finish reason."""
-        from transformers import TextIteratorStreamer
+        """Stream one choice: text deltas, then a final event with the finish reason.
+
+        Setting ``cancel`` stops generation at the next token (the server sets it when the
+        client disconnects).
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         if params.n != 1:
             raise InvalidInputError("Streaming supports n=1 only.", param="n")
         batch, [prompt_length] = self._encode([prompt], add_special_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = {**self._generate_kwargs(params, prompt_length), "streamer": streamer}
+        if cancel is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_cancel_criterion(cancel)])
         holder: dict[str, Any] = {}
         thread = threading.Thread(target=self._run_into, args=(holder, batch, kwargs, params.seed))
         thread.start()
@@ -144,6 +155,8 @@ class TextGenerator:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if params.repetition_penalty is not None:
             kwargs["repetition_penalty"] = params.repetition_penalty
+        if params.ignore_eos:
+            kwargs["min_new_tokens"] = max_new
         return kwargs
 
     def _run(self, batch: Any, kwargs: dict[str, Any], seed: int | None) -> Any:
@@ -191,6 +204,18 @@ class TextGenerator:
         return Completion(text=text, finish_reason=finish, completion_tokens=len(generated))
 
 
+def _cancel_criterion(event: threading.Event) -> Any:
+    """A transformers stopping criterion that ends generation once ``event`` is set."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool)
+
+    return Cancelled()
+
+
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """Cut ``text`` before the earliest occurrence of any stop string."""
     positions = [pos for stop in stops if (pos := text.find(stop)) >= 0]
@@ -209,7 +234,7 @@ def _stop_filtered(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[Stre
             for _ in pieces:  # drain: generation stops on its own at the stop string
                 pass
             return
-        safe = len(buffer) - _partial_stop_length(buffer, stops)
+        safe = len(buffer) - partial_stop_length(buffer, stops)
         if safe > emitted:
             yield StreamDelta(buffer[emitted:safe])
             emitted = safe
@@ -217,7 +242,7 @@ def _stop_filtered(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[Stre
         yield StreamDelta(buffer[emitted:])
 
 
-def _partial_stop_length(text: str, stops: Sequence[str]) -> int:
+def partial_stop_length(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
     longest = 0
     for stop in stops:

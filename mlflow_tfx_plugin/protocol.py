@@ -38,6 +38,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     repetition_penalty: float | None = None
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -114,6 +115,7 @@ class _GenerationRequest(OpenAIModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
     user: str | None = None
 
     @field_validator("stop")
@@ -149,6 +151,7 @@ class _GenerationRequest(OpenAIModel):
             stop=tuple([stop] if isinstance(stop, str) else stop or ()),
             seed=_first(self.seed, defaults.get("seed")),
             repetition_penalty=_first(self.repetition_penalty, defaults.get("repetition_penalty")),
+            ignore_eos=self.ignore_eos,
         )
 
     @property

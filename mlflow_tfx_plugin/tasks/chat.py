@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
 
 from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.generation import StreamDelta
 from mlflow_tfx_plugin.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -41,35 +42,20 @@ class ChatAdapter(GenerativeAdapter):
             prompts = [self.prompt(requests[i]) for i in indices]
             results = self.runner.generate(prompts, params, add_special_tokens=False)
             for index, result in zip(indices, results, strict=True):
-                responses[index] = self._response(requests[index], result).model_dump()
+                responses[index] = self.response(requests[index], result).model_dump()
         return responses
 
     def stream(self, request: ChatCompletionRequest) -> Iterator[ChatCompletionChunk]:
         params = request.generation_params(self.model_config)
         events = self.runner.stream(self.prompt(request), params, add_special_tokens=False)
-        head = ChatCompletionChunk(
-            model=self.response_model_name(request),
-            choices=[ChatChunkChoice(index=0, delta=Delta(role="assistant", content=""))],
-        )
-        yield head
+        chunker = self.chunker(request)
+        yield chunker.head
         for event in events:
-            if event.text:
-                yield head.model_copy(
-                    update={"choices": [ChatChunkChoice(index=0, delta=Delta(content=event.text))]}
-                )
-            if event.finish_reason:
-                yield head.model_copy(
-                    update={
-                        "choices": [
-                            ChatChunkChoice(
-                                index=0, delta=Delta(), finish_reason=event.finish_reason
-                            )
-                        ]
-                    }
-                )
-                if request.include_usage:
-                    usage = Usage.of(event.prompt_tokens, event.completion_tokens)
-                    yield head.model_copy(update={"choices": [], "usage": usage})
+            yield from chunker.chunks(event)
+
+    def chunker(self, request: ChatCompletionRequest) -> ChatChunker:
+        """Turns generation events into this request's stream chunks."""
+        return ChatChunker(self.response_model_name(request), request.include_usage)
 
     def prompt(self, request: ChatCompletionRequest) -> str:
         """The chat template applied to the request's messages, ready for generation."""
@@ -88,7 +74,7 @@ class ChatAdapter(GenerativeAdapter):
             messages, chat_template=template, add_generation_prompt=True, tokenize=False, **kwargs
         )
 
-    def _response(self, request: ChatCompletionRequest, result: Any) -> ChatCompletionResponse:
+    def response(self, request: ChatCompletionRequest, result: Any) -> ChatCompletionResponse:
         choices = [
             ChatChoice(
                 index=i, message=ResponseMessage(content=c.text), finish_reason=c.finish_reason
@@ -101,3 +87,28 @@ class ChatAdapter(GenerativeAdapter):
             choices=choices,
             usage=Usage.of(result.prompt_tokens, completion_tokens),
         )
+
+
+class ChatChunker:
+    """Stream chunks of one chat completion: a role chunk, text deltas, the finish reason,
+    then (when asked for) a usage chunk with no choices, as OpenAI sends them."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self.head = ChatCompletionChunk(
+            model=model,
+            choices=[ChatChunkChoice(index=0, delta=Delta(role="assistant", content=""))],
+        )
+
+    def chunks(self, event: StreamDelta) -> list[ChatCompletionChunk]:
+        chunks = []
+        if event.text:
+            choice = ChatChunkChoice(index=0, delta=Delta(content=event.text))
+            chunks.append(self.head.model_copy(update={"choices": [choice]}))
+        if event.finish_reason:
+            choice = ChatChunkChoice(index=0, delta=Delta(), finish_reason=event.finish_reason)
+            chunks.append(self.head.model_copy(update={"choices": [choice]}))
+            if self.include_usage:
+                usage = Usage.of(event.prompt_tokens, event.completion_tokens)
+                chunks.append(self.head.model_copy(update={"choices": [], "usage": usage}))
+        return chunks

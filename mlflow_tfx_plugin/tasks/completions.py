@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from mlflow.types.llm import COMPLETIONS_MODEL_INPUT_SCHEMA, COMPLETIONS_MODEL_OUTPUT_SCHEMA
 
 from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.generation import StreamDelta
 from mlflow_tfx_plugin.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -32,32 +33,55 @@ class CompletionsAdapter(GenerativeAdapter):
         for request in requests:
             params = request.generation_params(self.model_config)
             results = self.runner.generate(self.apply_prompt_template(request.prompts), params)
-            choices = [
-                CompletionChoice(index=p * params.n + i, text=c.text, finish_reason=c.finish_reason)
-                for p, result in enumerate(results)
-                for i, c in enumerate(result.completions)
-            ]
-            usage = Usage.of(
-                sum(r.prompt_tokens for r in results),
-                sum(c.completion_tokens for r in results for c in r.completions),
-            )
-            response = CompletionResponse(
-                model=self.response_model_name(request), choices=choices, usage=usage
-            )
-            responses.append(response.model_dump())
+            responses.append(self.response(request, results).model_dump())
         return responses
 
     def stream(self, request: CompletionRequest) -> Iterator[CompletionResponse]:
+        [prompt] = self.stream_prompt(request)
+        chunker = self.chunker(request)
+        for event in self.runner.stream(prompt, request.generation_params(self.model_config)):
+            yield from chunker.chunks(event)
+
+    def stream_prompt(self, request: CompletionRequest) -> list[str]:
+        """The one templated prompt of a streamed request."""
         if len(request.prompts) != 1:
             raise InvalidInputError("Streaming takes a single prompt.", param="prompt")
-        [prompt] = self.apply_prompt_template(request.prompts)
-        head = CompletionResponse(model=self.response_model_name(request), choices=[])
-        for event in self.runner.stream(prompt, request.generation_params(self.model_config)):
-            if event.text or event.finish_reason:
-                choice = CompletionChoice(
-                    index=0, text=event.text, finish_reason=event.finish_reason
-                )
-                yield head.model_copy(update={"choices": [choice]})
-            if event.finish_reason and request.include_usage:
-                usage = Usage.of(event.prompt_tokens, event.completion_tokens)
-                yield head.model_copy(update={"choices": [], "usage": usage})
+        return self.apply_prompt_template(request.prompts)
+
+    def chunker(self, request: CompletionRequest) -> CompletionChunker:
+        """Turns generation events into this request's stream chunks."""
+        return CompletionChunker(self.response_model_name(request), request.include_usage)
+
+    def response(self, request: CompletionRequest, results: list[Any]) -> CompletionResponse:
+        """One response over the results of all the request's prompts (``n`` choices each)."""
+        n = request.n
+        choices = [
+            CompletionChoice(index=p * n + i, text=c.text, finish_reason=c.finish_reason)
+            for p, result in enumerate(results)
+            for i, c in enumerate(result.completions)
+        ]
+        usage = Usage.of(
+            sum(r.prompt_tokens for r in results),
+            sum(c.completion_tokens for r in results for c in r.completions),
+        )
+        return CompletionResponse(
+            model=self.response_model_name(request), choices=choices, usage=usage
+        )
+
+
+class CompletionChunker:
+    """Stream chunks of one text completion: text pieces, the finish reason, then usage."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self.head = CompletionResponse(model=model, choices=[])
+
+    def chunks(self, event: StreamDelta) -> list[CompletionResponse]:
+        chunks = []
+        if event.text or event.finish_reason:
+            choice = CompletionChoice(index=0, text=event.text, finish_reason=event.finish_reason)
+            chunks.append(self.head.model_copy(update={"choices": [choice]}))
+        if event.finish_reason and self.include_usage:
+            usage = Usage.of(event.prompt_tokens, event.completion_tokens)
+            chunks.append(self.head.model_copy(update={"choices": [], "usage": usage}))
+        return chunks

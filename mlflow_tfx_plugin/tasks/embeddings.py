@@ -123,6 +123,12 @@ class EmbeddingsAdapter(LLMAdapter):
     def respond(self, requests: list[EmbeddingRequest]) -> list[dict[str, Any]]:
         texts = [text for request in requests for text in request.inputs]
         vectors, token_counts = self.runner.encode(texts)  # every request in one forward pass
+        return self.respond_encoded(requests, vectors, token_counts)
+
+    def respond_encoded(
+        self, requests: list[EmbeddingRequest], vectors: np.ndarray, token_counts: list[int]
+    ) -> list[dict[str, Any]]:
+        """Responses for ``requests`` from their texts' vectors and token counts, in order."""
         responses, offset = [], 0
         for request in requests:
             end = offset + len(request.inputs)

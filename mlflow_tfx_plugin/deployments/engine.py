@@ -1,0 +1,510 @@
+"""Batching over one loaded model, for the deployment server.
+
+Two engines share one async interface (:class:`GenerationEngine`):
+
+- :class:`ContinuousBatchingEngine` drives transformers' continuous-batching manager:
+  sequences join and leave the running batch at every decoding step, and the KV cache is
+  paged and sized from ``max_batch_size`` (never from a share of RAM).
+- :class:`MicroBatchingEngine` collects requests for a few milliseconds (up to
+  ``max_batch_size``), runs one left-padded ``generate`` and splits the results. It serves
+  models the continuous-batching manager cannot run, and requests it cannot express
+  (``seed``, ``repetition_penalty``).
+
+Embeddings go through the same :class:`MicroBatcher`. Model work always runs off the
+event loop, so ``/health`` and ``/metrics`` answer under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import uuid
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from mlflow_tfx_plugin.errors import InvalidInputError, TfxError
+from mlflow_tfx_plugin.generation import (
+    Completion,
+    PromptResult,
+    StreamDelta,
+    TextGenerator,
+    cut_at_stop,
+    partial_stop_length,
+)
+from mlflow_tfx_plugin.protocol import GenerationParams
+
+_logger = logging.getLogger(__name__)
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+#: KV-cache tokens reserved per sequence of ``max_batch_size`` (longer ones share the pool).
+KV_TOKENS_PER_SEQUENCE = 256
+_PAGE_SIZE = 32  # small pages waste less of a small CPU cache than the default 256
+_BATCH_WINDOW_S = 0.005
+
+
+class EngineError(TfxError):
+    """The model failed while generating; the request fails, the server stays up."""
+
+
+class BatchObserver(Protocol):
+    def __call__(self, size: int) -> None: ...
+
+
+@dataclass
+class EngineSettings:
+    """What the engines take from the deployment config."""
+
+    max_batch_size: int = 16
+    max_tokens_limit: int | None = None
+    on_batch: BatchObserver = field(default=lambda size: None)
+
+
+class GenerationEngine(Protocol):
+    """Async text generation with OpenAI semantics over one causal LM."""
+
+    generator: TextGenerator
+
+    async def generate(
+        self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
+    ) -> PromptResult: ...
+
+    def stream(
+        self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
+    ) -> AsyncGenerator[StreamDelta, None]: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def queue_depth(self) -> int: ...
+
+
+class MicroBatcher(Generic[ItemT, ResultT]):
+    """Collects items submitted concurrently and runs them in batches on one worker thread.
+
+    Args:
+        run_batch: turns a list of items into a list of results (same order). It runs on
+            the worker thread; an exception fails every item of that batch.
+        max_batch_size: most items per batch.
+        window_s: how long to wait for more items once the first one arrives.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[ItemT]], list[ResultT]],
+        *,
+        max_batch_size: int,
+        executor: ThreadPoolExecutor,
+        window_s: float = _BATCH_WINDOW_S,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        self._run_batch = run_batch
+        self._max_batch_size = max_batch_size
+        self._executor = executor
+        self._window_s = window_s
+        self._on_batch = on_batch or (lambda size: None)
+        self._pending: asyncio.Queue[tuple[ItemT, asyncio.Future[ResultT]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending.qsize() if self._pending else 0
+
+    async def submit(self, item: ItemT) -> ResultT:
+        """Queue ``item`` and wait for its result."""
+        if self._pending is None:
+            self._pending = asyncio.Queue()
+            self._worker = asyncio.create_task(self._work())
+        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        await self._pending.put((item, future))
+        return await future
+
+    async def _work(self) -> None:
+        assert self._pending is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._pending.get()]
+            deadline = loop.time() + self._window_s
+            while len(batch) < self._max_batch_size:
+                try:
+                    timeout = max(deadline - loop.time(), 0)
+                    batch.append(await asyncio.wait_for(self._pending.get(), timeout))
+                except TimeoutError:
+                    break
+            live = [(item, future) for item, future in batch if not future.cancelled()]
+            if live:
+                await self._run(loop, live)
+
+    async def _run(
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[ItemT, asyncio.Future[ResultT]]]
+    ) -> None:
+        self._on_batch(len(batch))
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._run_batch, [item for item, _ in batch]
+            )
+        except Exception as err:  # every caller of this batch gets the error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(err)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+
+
+@dataclass(frozen=True)
+class _GenerationItem:
+    prompt: str
+    params: GenerationParams
+    add_special_tokens: bool
+
+
+class MicroBatchingEngine:
+    """Dynamic micro-batching over :class:`TextGenerator` (one ``generate`` per batch)."""
+
+    def __init__(self, generator: TextGenerator, settings: EngineSettings) -> None:
+        self.generator = generator
+        self.settings = settings
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfx-generate")
+        self._stream_executor = ThreadPoolExecutor(thread_name_prefix="tfx-stream")
+        self._batcher: MicroBatcher[_GenerationItem, PromptResult] = MicroBatcher(
+            self._generate_batch,
+            max_batch_size=settings.max_batch_size,
+            executor=self._executor,
+            on_batch=settings.on_batch,
+        )
+
+    @property
+    def queue_depth(self) -> int:
+        return self._batcher.queue_depth
+
+    async def generate(
+        self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
+    ) -> PromptResult:
+        check_max_tokens(params, self.settings)
+        return await self._batcher.submit(_GenerationItem(prompt, params, add_special_tokens))
+
+    async def stream(
+        self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
+    ) -> AsyncGenerator[StreamDelta, None]:
+        check_max_tokens(params, self.settings)
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[StreamDelta | BaseException | None] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def produce() -> None:
+            try:
+                self.settings.on_batch(1)
+                events = self.generator.stream(
+                    prompt, params, add_special_tokens=add_special_tokens, cancel=cancel
+                )
+                for event in events:
+                    loop.call_soon_threadsafe(deltas.put_nowait, event)
+            except BaseException as err:  # handed to the consumer, raised there
+                loop.call_soon_threadsafe(deltas.put_nowait, err)
+            loop.call_soon_threadsafe(deltas.put_nowait, None)
+
+        producer = loop.run_in_executor(self._stream_executor, produce)
+        try:
+            while (event := await deltas.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            cancel.set()
+            await asyncio.shield(producer)
+
+    def _generate_batch(self, items: list[_GenerationItem]) -> list[PromptResult]:
+        groups: dict[tuple[GenerationParams, bool], list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault((item.params, item.add_special_tokens), []).append(index)
+        results: list[PromptResult | None] = [None] * len(items)
+        for (params, add_special), indices in groups.items():
+            prompts = [items[i].prompt for i in indices]
+            generated = self.generator.generate(prompts, params, add_special_tokens=add_special)
+            for index, result in zip(indices, generated, strict=True):
+                results[index] = result
+        return [result for result in results if result is not None]
+
+    def close(self) -> None:
+        self._batcher.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._stream_executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ContinuousBatchingEngine:
+    """transformers' continuous batching: one background loop steps every live sequence.
+
+    Every sequence runs in streaming mode inside the manager, so stop strings are matched
+    on decoded text as tokens arrive, and a finished or abandoned sequence is cancelled at
+    once, freeing its cache pages. Greedy decoding is per-request ``top_k=1`` in a
+    sampling manager, so greedy and sampled requests share one batch.
+    """
+
+    def __init__(self, generator: TextGenerator, settings: EngineSettings) -> None:
+        self.generator = generator
+        self.settings = settings
+        self._fallback = MicroBatchingEngine(generator, settings)
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._sinks_lock = threading.Lock()
+        self._manager = _start_manager(generator, settings)
+        self._stopping = threading.Event()
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="tfx-cb-dispatch", daemon=True
+        )
+        self._dispatcher.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._manager.input_queue.qsize() + self._fallback.queue_depth
+
+    async def generate(
+        self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
+    ) -> PromptResult:
+        if _needs_fallback(params):
+            return await self._fallback.generate(
+                prompt, params, add_special_tokens=add_special_tokens
+            )
+        runs = 1 if params.greedy else params.n  # greedy choices are identical
+        choices = await asyncio.gather(
+            *(self._complete(prompt, params, add_special_tokens) for _ in range(runs))
+        )
+        prompt_tokens = choices[0][0]
+        completions = [completion for _, completion in choices]
+        if params.greedy:
+            completions = completions * params.n
+        return PromptResult(prompt_tokens=prompt_tokens, completions=completions)
+
+    async def stream(
+        self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
+    ) -> AsyncGenerator[StreamDelta, None]:
+        if params.n != 1:
+            raise InvalidInputError("Streaming supports n=1 only.", param="n")
+        if _needs_fallback(params):
+            deltas = self._fallback.stream(prompt, params, add_special_tokens=add_special_tokens)
+        else:
+            deltas = self._deltas(prompt, params, add_special_tokens)
+        async with aclosing(deltas):  # closing early cancels the generation at once
+            async for delta in deltas:
+                yield delta
+
+    async def _complete(
+        self, prompt: str, params: GenerationParams, add_special_tokens: bool
+    ) -> tuple[int, Completion]:
+        pieces: list[str] = []
+        async with aclosing(self._deltas(prompt, params, add_special_tokens)) as deltas:
+            async for delta in deltas:
+                pieces.append(delta.text)
+                if delta.finish_reason:
+                    completion = Completion(
+                        "".join(pieces), delta.finish_reason, delta.completion_tokens
+                    )
+                    return delta.prompt_tokens, completion
+        raise EngineError("Generation ended without a result.")  # pragma: no cover
+
+    async def _deltas(
+        self, prompt: str, params: GenerationParams, add_special_tokens: bool
+    ) -> AsyncGenerator[StreamDelta, None]:
+        """Text deltas of one sequence; stop strings are cut, partial ones held back."""
+        input_ids = self._encode(prompt, add_special_tokens)
+        max_new = self._max_new_tokens(params, len(input_ids))
+        tokenizer = self.generator.tokenizer
+        emitted, tokens = 0, []
+        outputs = self._outputs(input_ids, params, max_new)
+        async with aclosing(outputs):
+            async for output in outputs:
+                tokens = output.generated_tokens
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                text, hit_stop = cut_at_stop(text, params.stop)
+                finished = hit_stop or output.is_finished()
+                safe = len(text) if finished else _stable_length(text, params.stop)
+                if safe > emitted:
+                    yield StreamDelta(text[emitted:safe])
+                    emitted = safe
+                if finished:
+                    stopped = hit_stop or (
+                        not params.ignore_eos and bool(tokens) and tokens[-1] in self._eos_ids
+                    )
+                    reason = "stop" if stopped else "length"
+                    yield StreamDelta("", reason, len(input_ids), len(tokens))
+                    return
+
+    async def _outputs(
+        self, input_ids: list[int], params: GenerationParams, max_new: int
+    ) -> AsyncGenerator[Any, None]:
+        """The manager's outputs for one request; leaving early cancels it in the manager."""
+        request_id = f"tfx-{uuid.uuid4().hex}"
+        outputs: asyncio.Queue[Any] = asyncio.Queue()
+        with self._sinks_lock:
+            self._sinks[request_id] = (asyncio.get_running_loop(), outputs)
+        finished = False
+        try:
+            accepted = self._manager.add_request(
+                input_ids,
+                request_id=request_id,
+                max_new_tokens=max_new,
+                streaming=True,
+                eos_token_id=-1 if params.ignore_eos else sorted(self._eos_ids),
+                **_sampling_kwargs(params, self._vocab_size),
+            )
+            if accepted is None:
+                raise EngineError("The generation loop is not accepting requests (shutting down).")
+            while True:
+                output = await outputs.get()
+                if output.error:
+                    raise EngineError(f"Generation failed: {output.error}")
+                finished = output.is_finished()
+                yield output
+                if finished:
+                    return
+        finally:
+            with self._sinks_lock:
+                self._sinks.pop(request_id, None)
+            if not finished:
+                self._manager.cancel_request(request_id)
+
+    def _dispatch(self) -> None:
+        """Route outputs from the manager's queue to the waiting requests (own thread)."""
+        while not self._stopping.is_set():
+            output = self._manager.get_result(timeout=0.1)
+            if output is None:
+                continue
+            step = [output]
+            while (more := self._manager.get_result(timeout=0)) is not None:
+                step.append(more)
+            self.settings.on_batch(len({out.request_id for out in step}))
+            for out in step:
+                with self._sinks_lock:
+                    sink = self._sinks.get(out.request_id)
+                if sink is not None:
+                    loop, queue = sink
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def _encode(self, prompt: str, add_special_tokens: bool) -> list[int]:
+        input_ids = self.generator.tokenizer(prompt, add_special_tokens=add_special_tokens)[
+            "input_ids"
+        ]
+        window = self.generator.context_window
+        if len(input_ids) >= window:
+            raise InvalidInputError(
+                f"The prompt has {len(input_ids)} tokens, but the model's context window is "
+                f"{window} tokens. Shorten the prompt.",
+                param="messages",
+            )
+        return list(input_ids)
+
+    def _max_new_tokens(self, params: GenerationParams, prompt_tokens: int) -> int:
+        check_max_tokens(params, self.settings)
+        room = self.generator.context_window - prompt_tokens
+        return min(params.max_tokens or self.generator.default_max_tokens, room)
+
+    @property
+    def _eos_ids(self) -> set[int]:
+        return self.generator.stop_token_ids
+
+    @property
+    def _vocab_size(self) -> int:
+        return int(self.generator.model.config.get_text_config().vocab_size)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._manager.stop(block=True, timeout=10)
+        self._dispatcher.join(timeout=5)
+        self._fallback.close()
+
+
+def create_generation_engine(
+    generator: TextGenerator, settings: EngineSettings, *, continuous: bool = True
+) -> GenerationEngine:
+    """Continuous batching when the model supports it, else dynamic micro-batching."""
+    if continuous:
+        try:
+            return ContinuousBatchingEngine(generator, settings)
+        except Exception as err:  # an architecture or attention the manager cannot run
+            _logger.warning(
+                "Continuous batching is not available for this model (%s); using dynamic "
+                "micro-batching instead.",
+                err,
+            )
+    return MicroBatchingEngine(generator, settings)
+
+
+def check_max_tokens(params: GenerationParams, settings: EngineSettings) -> None:
+    """Reject requests above the deployment's ``max_tokens_limit``."""
+    limit = settings.max_tokens_limit
+    if limit is not None and params.max_tokens is not None and params.max_tokens > limit:
+        raise InvalidInputError(
+            f"max_tokens={params.max_tokens} is above this deployment's limit of {limit}.",
+            param="max_tokens",
+        )
+
+
+def kv_cache_blocks(max_batch_size: int, context_window: int) -> int:
+    """Pages of the paged KV cache: ``KV_TOKENS_PER_SEQUENCE`` per batch slot.
+
+    Sequences take pages as they grow, so one long sequence may use many slots' worth;
+    the cache always holds at least one full context window.
+    """
+    tokens = max(max_batch_size * min(KV_TOKENS_PER_SEQUENCE, context_window), context_window)
+    return math.ceil(tokens / _PAGE_SIZE)
+
+
+def _start_manager(generator: TextGenerator, settings: EngineSettings) -> Any:
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model = generator.model
+    generation_config = GenerationConfig(
+        do_sample=True,  # per-request top_k=1 makes a request greedy
+        temperature=0.7,  # non-neutral defaults make transformers create the per-request
+        top_k=50,  # warpers; every request then sets all three
+        top_p=0.95,
+        max_new_tokens=generator.default_max_tokens,
+        eos_token_id=sorted(generator.stop_token_ids) or -1,
+        pad_token_id=generator.tokenizer.pad_token_id,
+    )
+    cb_config = ContinuousBatchingConfig(
+        page_size=_PAGE_SIZE,
+        num_blocks=kv_cache_blocks(settings.max_batch_size, generator.context_window),
+        max_batch_tokens=max(2048, settings.max_batch_size * 64),
+        max_requests_per_batch=settings.max_batch_size,
+        per_request_processors=True,
+        auto_switch_to_flash=False,
+    )
+    manager = model.init_continuous_batching(
+        generation_config=generation_config, continuous_batching_config=cb_config
+    )
+    manager.warmup()
+    manager.start()
+    return manager
+
+
+def _needs_fallback(params: GenerationParams) -> bool:
+    """Per-request settings the continuous-batching manager cannot apply."""
+    return params.seed is not None or params.repetition_penalty is not None
+
+
+def _sampling_kwargs(params: GenerationParams, vocab_size: int) -> dict[str, Any]:
+    if params.greedy:
+        return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+    return {
+        "temperature": float(params.temperature),
+        "top_k": int(params.top_k or vocab_size),
+        "top_p": float(params.top_p),
+    }
+
+
+def _stable_length(text: str, stops: Sequence[str]) -> int:
+    """How much of ``text`` can be sent: no half-decoded character, no possible stop prefix."""
+    end = len(text.rstrip("\ufffd"))
+    return min(end, len(text) - partial_stop_length(text, stops))

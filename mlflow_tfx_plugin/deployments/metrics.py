@@ -1,0 +1,75 @@
+"""Prometheus metrics of one deployment server (``GET /metrics``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+disable_created_metrics()  # the *_created series only add noise to scrapes
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServerMetrics:
+    """Counters and histograms, in a registry of their own (one per app)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, queue_depth: Callable[[], float] = lambda: 0) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tfx_requests",
+            "HTTP requests answered, by route and status code.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tfx_request_latency_seconds",
+            "Time from request to complete response, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "tfx_time_to_first_token_seconds",
+            "Time from request to the first streamed token.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "tfx_prompt_tokens", "Prompt tokens processed.", registry=self.registry
+        )
+        self.completion_tokens = Counter(
+            "tfx_completion_tokens", "Tokens generated.", registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "tfx_batch_size",
+            "Sequences per model step (continuous batching) or per batch (micro-batching).",
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "tfx_requests_in_flight",
+            "Requests admitted and not yet answered.",
+            registry=self.registry,
+        )
+        queue = Gauge("tfx_queue_depth", "Requests waiting for the model.", registry=self.registry)
+        queue.set_function(queue_depth)
+        self._queue_gauge = queue
+
+    def watch_queue(self, queue_depth: Callable[[], float]) -> None:
+        self._queue_gauge.set_function(queue_depth)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

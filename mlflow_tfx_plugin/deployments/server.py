@@ -1,0 +1,576 @@
+"""The deployment server: OpenAI-compatible routes over one model (FastAPI + uvicorn).
+
+Run by the ``tfx`` target as ``python -m mlflow_tfx_plugin.deployments.server --model-dir
+DIR --name NAME --config-json '{...}'``; the API key, when there is one, comes from the
+``MLFLOW_TFX_API_KEY`` environment variable, never from the command line.
+
+Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+``/invocations`` (the ``mlflow models serve`` payloads); ``GET /v1/models``, ``/health``
+(200 once the model is loaded and warmed up, 503 before) and ``/metrics`` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, DeploymentConfig
+from mlflow_tfx_plugin.deployments.engine import EngineError
+from mlflow_tfx_plugin.deployments.metrics import ServerMetrics
+from mlflow_tfx_plugin.deployments.service import (
+    LoadOptions,
+    ServedModel,
+    UnknownModelError,
+    load_served_model,
+    require_model_name,
+)
+from mlflow_tfx_plugin.errors import InvalidInputError, UnsupportedTaskError
+
+_logger = logging.getLogger("mlflow_tfx_plugin.server")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+SHUTDOWN_DEADLINE_S = float(os.environ.get("MLFLOW_TFX_SHUTDOWN_TIMEOUT", "30"))
+_PASSTHROUGH_KEYS = {"messages": "chat", "prompt": "completions", "input": "embeddings"}
+_PYFUNC_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error JSON with an HTTP status."""
+
+    def __init__(
+        self, status: int, message: str, *, kind: str, param: str | None = None, code: Any = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = (
+            status,
+            message,
+            kind,
+            param,
+            code,
+        )
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the model (once loaded), limits and metrics."""
+
+    name: str
+    config: DeploymentConfig
+    api_key: str | None
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    served: ServedModel | None = None
+    load_error: str | None = None
+    admitted: int = 0
+    started: float = field(default_factory=time.time)
+
+    def model(self) -> ServedModel:
+        if self.served is None:
+            status = "failed to load" if self.load_error else "is still loading"
+            raise APIError(503, f"The model {status}; retry shortly.", kind="service_unavailable")
+        return self.served
+
+
+def create_app(
+    name: str,
+    config: DeploymentConfig,
+    *,
+    model_dir: Path | None = None,
+    served: ServedModel | None = None,
+    api_key: str | None = None,
+) -> FastAPI:
+    """The server app. It loads ``model_dir`` in the background, or serves ``served``."""
+    state = ServerState(name=name, config=config, api_key=api_key)
+    state.metrics.watch_queue(lambda: state.served.queue_depth if state.served else 0)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = None
+        if served is not None:
+            state.served = served
+        elif model_dir is not None:
+            loader = asyncio.create_task(_load(state, model_dir))
+        yield
+        if loader is not None:
+            loader.cancel()
+        if state.served is not None:
+            state.served.close()
+
+    app = FastAPI(title=f"tfx deployment {name}", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.tfx = state
+    app.add_middleware(_MetricsMiddleware, metrics=state.metrics)
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    return app
+
+
+async def _load(state: ServerState, model_dir: Path) -> None:
+    options = LoadOptions(
+        device=state.config.device,
+        torch_dtype=state.config.torch_dtype,
+        max_batch_size=state.config.max_batch_size,
+        max_tokens_limit=state.config.max_tokens_limit,
+    )
+    try:
+        started = time.perf_counter()
+        served = await asyncio.to_thread(
+            load_served_model,
+            state.name,
+            model_dir,
+            options,
+            state.metrics.batch_size.observe,
+        )
+        await served.warm_up()
+    except Exception as err:
+        _logger.exception("Loading the model from %s failed", model_dir)
+        state.load_error = f"{type(err).__name__}: {err}"
+        _exit_process(1)
+        return
+    state.served = served
+    _logger.info(
+        "Model ready in %.1f s: task %s, routes %s",
+        time.perf_counter() - started,
+        served.task,
+        ", ".join(served.routes) or "/invocations",
+    )
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    auth = [Depends(_authorizer(state))]
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.served is None:
+            status = "failed" if state.load_error else "loading"
+            return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+        return JSONResponse({"status": "ready", "model": state.name, "task": state.served.task})
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": state.name,
+            "object": "model",
+            "created": int(state.started),
+            "owned_by": "mlflow-tfx-plugin",
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(request: Request) -> Response:
+        body = await read_body(request)
+        return await _admitted(state, lambda: _chat(state, body))
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request) -> Response:
+        body = await read_body(request)
+        return await _admitted(state, lambda: _completions(state, body))
+
+    @app.post("/v1/embeddings", dependencies=auth)
+    async def embeddings(request: Request) -> Response:
+        body = await read_body(request)
+        return await _admitted(state, lambda: _embeddings(state, body))
+
+    @app.post("/invocations", dependencies=auth)
+    async def invocations(request: Request) -> Response:
+        body = await read_body(request)
+        return await _admitted(state, lambda: _invocations(state, body))
+
+
+async def read_body(request: Request) -> dict[str, Any]:
+    """The JSON object of a request: 413 when too large, 400 when not a JSON object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidInputError(f"The request body is not valid JSON: {err}.") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(
+            f"The request body must be a JSON object, got {type(data).__name__}."
+        )
+    return data
+
+
+def _model_for(state: ServerState, body: dict[str, Any]) -> ServedModel:
+    """The served model, checking the ``model`` the body names (OpenAI clients always do)."""
+    served = state.model()
+    require_model_name(served, body.get("model"))
+    return served
+
+
+async def _admitted(state: ServerState, handle: Callable[[], Awaitable[Response]]) -> Response:
+    """Run ``handle`` if a slot is free (else 429); a streamed response keeps its slot."""
+    limit = state.config.max_concurrent_requests
+    if state.admitted >= limit:
+        raise APIError(
+            429,
+            f"Too many concurrent requests (max_concurrent_requests={limit}); retry later.",
+            kind="rate_limit_error",
+        )
+    state.admitted += 1
+    state.metrics.in_flight.inc()
+    handed_over = False
+    try:
+        response = await handle()
+        if isinstance(response, StreamingResponse):
+            response.background = _release_task(state)
+            handed_over = True
+        return response
+    finally:
+        if not handed_over:
+            _release(state)
+
+
+def _release(state: ServerState) -> None:
+    state.admitted -= 1
+    state.metrics.in_flight.dec()
+
+
+def _release_task(state: ServerState) -> Any:
+    from starlette.background import BackgroundTask
+
+    return BackgroundTask(_release, state)
+
+
+async def _chat(state: ServerState, body: dict[str, Any]) -> Response:
+    served = _model_for(state, body)
+    request = served.parse_chat(body)
+    if request.stream:
+        return await _stream(
+            state, "/v1/chat/completions", served.chat_stream(request), request.include_usage
+        )
+    response = await _with_timeout(state, served.chat_completion(request))
+    _count_tokens(state, response)
+    return JSONResponse(response)
+
+
+async def _completions(state: ServerState, body: dict[str, Any]) -> Response:
+    served = _model_for(state, body)
+    request = served.parse_completion(body)
+    if request.stream:
+        return await _stream(
+            state, "/v1/completions", served.completion_stream(request), request.include_usage
+        )
+    response = await _with_timeout(state, served.completion(request))
+    _count_tokens(state, response)
+    return JSONResponse(response)
+
+
+async def _embeddings(state: ServerState, body: dict[str, Any]) -> Response:
+    served = _model_for(state, body)
+    request = served.parse_embedding(body)
+    response = await _with_timeout(state, served.embedding(request))
+    state.metrics.prompt_tokens.inc(response["usage"]["prompt_tokens"])
+    return JSONResponse(response)
+
+
+async def _invocations(state: ServerState, body: dict[str, Any]) -> Response:
+    """``mlflow models serve`` payloads: OpenAI bodies pass through, the rest is pyfunc input."""
+    passthrough = next((route for key, route in _PASSTHROUGH_KEYS.items() if key in body), None)
+    served = _model_for(state, body)
+    if passthrough == "chat" and served.chat is not None:
+        return await _chat(state, body)
+    if passthrough == "completions" and served.completions is not None:
+        return await _completions(state, body)
+    if passthrough == "embeddings" and served.embeddings is not None:
+        return await _embeddings(state, body)
+    data = _pyfunc_input(body)
+    predictions = await _with_timeout(state, served.predict(data))
+    for prediction in predictions if isinstance(predictions, list) else [predictions]:
+        if isinstance(prediction, dict):
+            _count_tokens(state, prediction)
+    if passthrough is not None:  # an OpenAI-style body answers unwrapped, as MLflow does
+        return JSONResponse(_jsonable(predictions))
+    return JSONResponse({"predictions": _jsonable(predictions)})
+
+
+def _pyfunc_input(body: dict[str, Any]) -> Any:
+    keys = [key for key in _PYFUNC_FORMATS if key in body]
+    if not keys:
+        if set(body) & set(_PASSTHROUGH_KEYS):
+            return body
+        raise InvalidInputError(
+            "Unknown /invocations payload. Send an OpenAI body (with 'messages', 'prompt' or "
+            f"'input') or one of: {', '.join(_PYFUNC_FORMATS)}.",
+        )
+    if len(keys) > 1:
+        raise InvalidInputError(f"Send one of {', '.join(keys)}, not several.", param=keys[0])
+    key = keys[0]
+    if key == "dataframe_split":
+        split = body[key]
+        return pd.DataFrame(
+            split.get("data"), columns=split.get("columns"), index=split.get("index")
+        )
+    if key == "dataframe_records":
+        return pd.DataFrame(body[key])
+    return body[key]
+
+
+async def _with_timeout(state: ServerState, work: Awaitable[Any]) -> Any:
+    try:
+        return await asyncio.wait_for(work, state.config.timeout)
+    except TimeoutError:
+        raise _timeout(state) from None
+
+
+def _timeout(state: ServerState) -> APIError:
+    return APIError(
+        504,
+        f"The request took longer than the deployment's timeout of {state.config.timeout:g} s.",
+        kind="timeout_error",
+    )
+
+
+async def _stream(
+    state: ServerState,
+    route: str,
+    chunks: AsyncGenerator[BaseModel, None],
+    include_usage: bool,
+) -> StreamingResponse:
+    """Server-sent events; errors before the first chunk still get their HTTP status.
+
+    The last chunk always carries usage (for the metrics); it is sent only when the
+    client asked for it with ``stream_options.include_usage``.
+    """
+    started = time.perf_counter()
+    try:
+        first = await asyncio.wait_for(anext(chunks), state.config.timeout)
+    except TimeoutError:
+        await chunks.aclose()
+        raise _timeout(state) from None
+    state.metrics.time_to_first_token.labels(route).observe(time.perf_counter() - started)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            yield _sse(first)
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), state.config.timeout)
+                except StopAsyncIteration:
+                    break
+                usage = getattr(chunk, "usage", None)
+                if usage is not None:
+                    _count_tokens(state, {"usage": usage.model_dump()})
+                    if not include_usage:
+                        continue
+                yield _sse(chunk)
+        except (TimeoutError, EngineError) as err:
+            error = _timeout(state) if isinstance(err, TimeoutError) else _server_error(err)
+            yield f"data: {json.dumps({'error': _error_body(error)})}\n\n"
+        finally:
+            await chunks.aclose()  # a client that went away cancels its generation here
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _sse(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+
+def _count_tokens(state: ServerState, response: dict[str, Any]) -> None:
+    usage = response.get("usage")
+    if usage:
+        state.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+        state.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
+
+
+def _authorizer(state: ServerState) -> Callable[[Request], None]:
+    def authorize(request: Request) -> None:
+        if state.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), state.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "Missing or invalid API key: send 'Authorization: Bearer <key>' (the key set "
+                f"with -C api_key=... or ${API_KEY_ENV}).",
+                kind="invalid_request_error",
+                code="invalid_api_key",
+            )
+
+    return authorize
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(InvalidInputError)
+    async def invalid_input(request: Request, err: InvalidInputError) -> JSONResponse:
+        status, code = 400, None
+        if isinstance(err, UnknownModelError):
+            status, code = 404, "model_not_found"
+        elif isinstance(err, UnsupportedTaskError):
+            status = 404
+        return APIError(
+            status, err.message, kind="invalid_request_error", param=err.param, code=code
+        ).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return APIError(err.status_code, str(err.detail), kind="invalid_request_error").response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        _logger.exception("Unexpected error on %s", request.url.path)
+        return _server_error(err).response()
+
+
+def _server_error(err: Exception) -> APIError:
+    return APIError(500, f"Internal error: {err}", kind="server_error")
+
+
+def _error_body(error: APIError) -> dict[str, Any]:
+    return {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}
+
+
+def _too_large() -> APIError:
+    return APIError(
+        413,
+        f"The request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB.",
+        kind="invalid_request_error",
+        code="request_too_large",
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, pd.DataFrame):
+        return _jsonable(value.to_dict("records"))
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+class _MetricsMiddleware:
+    """Counts requests by route and status, and times them (a pure ASGI middleware, so
+    streaming responses and client disconnects pass through untouched)."""
+
+    _ROUTES = (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/invocations",
+        "/health",
+        "/metrics",
+    )
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in self._ROUTES else "other"
+        started, status = time.perf_counter(), 500
+
+        async def send_and_record(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+def _exit_process(code: int) -> None:
+    """Stop uvicorn from inside the app (the model could not be loaded)."""
+    server = _SERVER.get("uvicorn")
+    _EXIT_CODE["code"] = code
+    if server is not None:
+        server.should_exit = True
+
+
+_SERVER: dict[str, Any] = {}
+_EXIT_CODE: dict[str, int] = {"code": 0}
+
+
+def serve(
+    name: str, model_dir: Path, config: DeploymentConfig, *, api_key: str | None = None
+) -> int:
+    """Serve in the foreground until SIGINT/SIGTERM; returns the process exit code."""
+    import uvicorn
+
+    if config.port is None:
+        raise InvalidInputError("The server needs a port.", param="port")
+    app = create_app(name, config, model_dir=model_dir, api_key=api_key)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="info",
+            access_log=False,
+            timeout_graceful_shutdown=int(SHUTDOWN_DEADLINE_S),
+        )
+    )
+    _SERVER["uvicorn"] = server
+    _logger.info("Serving %s from %s on http://%s:%d", name, model_dir, config.host, config.port)
+    server.run()
+    if not server.started and _EXIT_CODE["code"] == 0:
+        return 1  # could not bind the port; uvicorn logged why
+    return _EXIT_CODE["code"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--config-json", default="{}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = DeploymentConfig(**json.loads(args.config_json))
+    return serve(args.name, args.model_dir, config, api_key=os.environ.get(API_KEY_ENV) or None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

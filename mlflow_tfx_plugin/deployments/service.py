@@ -1,0 +1,277 @@
+"""The model behind a deployment: OpenAI operations over the flavor's task adapters.
+
+Requests are validated by the same pydantic models and adapters as ``mlflow.pyfunc``
+(so the same input gets the same 400 everywhere); only the model calls differ: they go
+through the batching engines in :mod:`.engine` instead of running one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from mlflow_tfx_plugin.deployments.engine import (
+    EngineSettings,
+    GenerationEngine,
+    MicroBatcher,
+    create_generation_engine,
+)
+from mlflow_tfx_plugin.errors import InvalidInputError, UnsupportedTaskError
+from mlflow_tfx_plugin.generation import TextGenerator
+from mlflow_tfx_plugin.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    parse_request,
+)
+from mlflow_tfx_plugin.pyfunc import to_python
+from mlflow_tfx_plugin.tasks import TaskAdapter
+from mlflow_tfx_plugin.tasks.chat import ChatAdapter, ChatChunker
+from mlflow_tfx_plugin.tasks.completions import CompletionChunker, CompletionsAdapter
+from mlflow_tfx_plugin.tasks.embeddings import EmbeddingRunner, EmbeddingsAdapter
+
+_logger = logging.getLogger(__name__)
+
+_GENERATIVE_TASKS = ("llm/v1/chat", "llm/v1/completions", "text-generation")
+_EMBEDDING_TASKS = ("llm/v1/embeddings", "feature-extraction", "sentence-similarity")
+_POOLING_KEYS = ("pooling", "normalize", "max_length")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load and batch the model (from the deployment config)."""
+
+    device: str | None = None
+    torch_dtype: str | None = None
+    max_batch_size: int = 16
+    max_tokens_limit: int | None = None
+    continuous_batching: bool = True
+
+
+class ServedModel:
+    """One loaded model and the OpenAI routes it can answer.
+
+    Args:
+        name: the deployment name, which is also the OpenAI ``model`` id.
+        adapter: the flavor's task adapter over the loaded model.
+        options: batching settings.
+        on_batch: called with the size of every model batch (metrics).
+    """
+
+    def __init__(
+        self, name: str, adapter: TaskAdapter, options: LoadOptions, on_batch: Any = None
+    ) -> None:
+        self.name = name
+        self.task = adapter.task
+        self.adapter = adapter
+        adapter.model_name = name  # responses name the deployment, as GET /v1/models does
+        settings = EngineSettings(
+            max_batch_size=options.max_batch_size,
+            max_tokens_limit=options.max_tokens_limit,
+            on_batch=on_batch or (lambda size: None),
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfx-model")
+        self.chat: ChatAdapter | None = None
+        self.completions: CompletionsAdapter | None = None
+        self.embeddings: EmbeddingsAdapter | None = None
+        self.engine: GenerationEngine | None = None
+        self._embedder: MicroBatcher[list[str], Any] | None = None
+        if self.task in _GENERATIVE_TASKS:
+            self._serve_generation(settings, options.continuous_batching)
+        elif self.task in _EMBEDDING_TASKS:
+            self._serve_embeddings(settings)
+
+    @property
+    def routes(self) -> list[str]:
+        """The OpenAI routes this model answers (``/invocations`` always works)."""
+        served = [
+            ("chat/completions", self.chat),
+            ("completions", self.completions),
+            ("embeddings", self.embeddings),
+        ]
+        return [route for route, adapter in served if adapter is not None]
+
+    @property
+    def queue_depth(self) -> int:
+        depth = self.engine.queue_depth if self.engine else 0
+        return depth + (self._embedder.queue_depth if self._embedder else 0)
+
+    def _serve_generation(self, settings: EngineSettings, continuous: bool) -> None:
+        runner = self.adapter.runner
+        generator = (
+            runner
+            if isinstance(runner, TextGenerator)
+            else TextGenerator(runner.model, runner.tokenizer)  # a text-generation pipeline
+        )
+        common: dict[str, Any] = {
+            "model_config": self.adapter.model_config,
+            "prompt_template": self.adapter.prompt_template,
+            "model_name": self.name,
+        }
+        template = generator.tokenizer.chat_template or self.adapter.model_config.get(
+            "chat_template"
+        )
+        if template:
+            self.chat = ChatAdapter(generator, **common)
+        self.completions = CompletionsAdapter(generator, **common)
+        self.engine = create_generation_engine(generator, settings, continuous=continuous)
+
+    def _serve_embeddings(self, settings: EngineSettings) -> None:
+        runner = self.adapter.runner
+        if not isinstance(runner, EmbeddingRunner):  # a feature-extraction pipeline
+            options = {key: value for key, value in vars(runner).items() if key in _POOLING_KEYS}
+            runner = EmbeddingRunner(runner.model, runner.tokenizer, **options)
+        self.embeddings = EmbeddingsAdapter(
+            runner, model_config=self.adapter.model_config, model_name=self.name
+        )
+        self._embedder = MicroBatcher(
+            self._encode_batch,
+            max_batch_size=settings.max_batch_size,
+            executor=self._executor,
+            on_batch=settings.on_batch,
+        )
+
+    # -- chat / completions -------------------------------------------------------------
+
+    def parse_chat(self, body: Mapping[str, Any]) -> ChatCompletionRequest:
+        self._require(self.chat, "chat/completions")
+        return parse_request(ChatCompletionRequest, body)
+
+    def parse_completion(self, body: Mapping[str, Any]) -> CompletionRequest:
+        self._require(self.completions, "completions")
+        return parse_request(CompletionRequest, body)
+
+    def parse_embedding(self, body: Mapping[str, Any]) -> EmbeddingRequest:
+        self._require(self.embeddings, "embeddings")
+        return parse_request(EmbeddingRequest, body)
+
+    async def chat_completion(self, request: ChatCompletionRequest) -> dict[str, Any]:
+        assert self.chat is not None and self.engine is not None
+        params = request.generation_params(self.chat.model_config)
+        prompt = self.chat.prompt(request)
+        result = await self.engine.generate(prompt, params, add_special_tokens=False)
+        return self.chat.response(request, result).model_dump()
+
+    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncGenerator[BaseModel, None]:
+        assert self.chat is not None and self.engine is not None
+        params = request.generation_params(self.chat.model_config)
+        prompt = self.chat.prompt(request)
+        chunker = ChatChunker(self.name, include_usage=True)  # the server counts tokens
+        events = self.engine.stream(prompt, params, add_special_tokens=False)
+        async with aclosing(events):  # closing the stream cancels the generation
+            first = await anext(events)  # errors surface before the stream starts
+            yield chunker.head
+            for chunk in chunker.chunks(first):
+                yield chunk
+            async for event in events:
+                for chunk in chunker.chunks(event):
+                    yield chunk
+
+    async def completion(self, request: CompletionRequest) -> dict[str, Any]:
+        assert self.completions is not None and self.engine is not None
+        params = request.generation_params(self.completions.model_config)
+        prompts = self.completions.apply_prompt_template(request.prompts)
+        results = await asyncio.gather(
+            *(self.engine.generate(prompt, params, add_special_tokens=True) for prompt in prompts)
+        )
+        return self.completions.response(request, list(results)).model_dump()
+
+    async def completion_stream(
+        self, request: CompletionRequest
+    ) -> AsyncGenerator[BaseModel, None]:
+        assert self.completions is not None and self.engine is not None
+        [prompt] = self.completions.stream_prompt(request)
+        params = request.generation_params(self.completions.model_config)
+        chunker = CompletionChunker(self.name, include_usage=True)  # the server counts tokens
+        events = self.engine.stream(prompt, params, add_special_tokens=True)
+        async with aclosing(events):
+            async for event in events:
+                for chunk in chunker.chunks(event):
+                    yield chunk
+
+    # -- embeddings ---------------------------------------------------------------------
+
+    async def embedding(self, request: EmbeddingRequest) -> dict[str, Any]:
+        assert self.embeddings is not None and self._embedder is not None
+        vectors, token_counts = await self._embedder.submit(request.inputs)
+        return self.embeddings.respond_encoded([request], vectors, token_counts)[0]
+
+    def _encode_batch(self, batches: list[list[str]]) -> list[tuple[Any, list[int]]]:
+        assert self.embeddings is not None
+        texts = [text for texts in batches for text in texts]
+        vectors, counts = self.embeddings.runner.encode(texts)  # one forward pass
+        results, offset = [], 0
+        for texts in batches:
+            end = offset + len(texts)
+            results.append((vectors[offset:end], counts[offset:end]))
+            offset = end
+        return results
+
+    # -- other tasks --------------------------------------------------------------------
+
+    async def predict(self, data: Any) -> Any:
+        """Any task, the way ``mlflow models serve`` runs it (one call at a time)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.adapter.predict, to_python(data))
+
+    def _require(self, adapter: Any, route: str) -> None:
+        if adapter is None:
+            served = ", ".join(f"/v1/{r}" for r in self.routes) or "only /invocations"
+            raise UnsupportedTaskError(
+                f"This deployment serves a '{self.task}' model, which does not answer "
+                f"/v1/{route}. It serves: {served}.",
+            )
+
+    async def warm_up(self) -> None:
+        """Run every served route once, so the first user request is not the slow one."""
+        if self.chat is not None:
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+            await self.chat_completion(self.parse_chat(body))
+        elif self.completions is not None:
+            await self.completion(self.parse_completion({"prompt": "Hi", "max_tokens": 2}))
+        if self.embeddings is not None:
+            await self.embedding(self.parse_embedding({"input": "Hi"}))
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        if self._embedder is not None:
+            self._embedder.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def load_served_model(
+    name: str, model_dir: Path, options: LoadOptions, on_batch: Any = None
+) -> ServedModel:
+    """Load a saved ``tfx`` or stock ``transformers`` model for serving."""
+    from mlflow_tfx_plugin.flavor import load_adapter
+
+    adapter = load_adapter(model_dir, device=options.device, torch_dtype=options.torch_dtype)
+    served = ServedModel(name, adapter, options, on_batch)
+    if not served.routes:
+        _logger.info("Task '%s' is served through /invocations only.", served.task)
+    return served
+
+
+def require_model_name(served: ServedModel, requested: str | None) -> None:
+    """OpenAI clients name the model; an unknown name is a 404, as OpenAI answers it."""
+    if requested is not None and requested not in (served.name, "default"):
+        raise UnknownModelError(
+            f"The model '{requested}' does not exist here. This deployment serves "
+            f"'{served.name}' (see GET /v1/models)."
+        )
+
+
+class UnknownModelError(InvalidInputError):
+    """The request names a model this server does not serve."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model")
