@@ -123,9 +123,13 @@ class ServedModel:
             self.chat = ChatAdapter(generator, **common)
         self.completions = CompletionsAdapter(generator, **common)
         self.engine = create_generation_engine(generator, settings, continuous=continuous)
+        # A causal LM also embeds: mean-pooled, normalized last hidden states.
+        base = getattr(generator.model, "base_model", generator.model)
+        embedder = EmbeddingRunner(base, generator.tokenizer, pooling="mean", normalize=True)
+        self._serve_embeddings(settings, embedder)
 
-    def _serve_embeddings(self, settings: EngineSettings) -> None:
-        runner = self.adapter.runner
+    def _serve_embeddings(self, settings: EngineSettings, runner: Any = None) -> None:
+        runner = runner or self.adapter.runner
         if not isinstance(runner, EmbeddingRunner):  # a feature-extraction pipeline
             options = {key: value for key, value in vars(runner).items() if key in _POOLING_KEYS}
             runner = EmbeddingRunner(runner.model, runner.tokenizer, **options)
