@@ -7,6 +7,9 @@ one file to fix when it does.
 from __future__ import annotations
 
 from mlflow.models.utils import _save_example as save_example
+from mlflow.store.artifact.utils.models import (
+    get_model_name_and_version as get_model_name_and_version,
+)
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME as CONDA_ENV_FILE_NAME,
 )
@@ -69,6 +72,7 @@ __all__ = [
     "add_code_from_conf_to_system_path",
     "download_artifact_from_uri",
     "get_flavor_configuration",
+    "get_model_name_and_version",
     "get_pinned_requirement",
     "mlflow_conda_env",
     "process_conda_env",

@@ -1,0 +1,277 @@
+"""The ``tfx`` deployment target end to end, through the real ``mlflow deployments`` CLI.
+
+A tiny GPT-2 chat model is logged twice to a temporary sqlite tracking store and registered
+as ``chat`` (versions 1 and 2, alias ``prod`` -> 1). Every CLI call is a subprocess with
+``MLFLOW_TRACKING_URI`` and ``MLFLOW_TFX_STATE_DIR`` pointing into ``tmp_path``; every
+server a test starts is stopped by the ``state_dir`` fixture, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import psutil
+import pytest
+import requests
+
+import mlflow_tfx_plugin as tfx
+from mlflow_tfx_plugin.deployments import TfxDeploymentClient
+from mlflow_tfx_plugin.deployments.config import valid_keys
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT_BODY = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 5}
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A sqlite store with ``chat`` v1 and v2 (tiny GPT-2, llm/v1/chat), alias prod -> v1."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_models
+
+    root = tmp_path_factory.mktemp("registry")
+    checkpoint = tiny_models.build_gpt2(root / "gpt2")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.create_experiment("deploy", artifact_location=(root / "a").as_uri())
+        for _ in range(2):
+            with mlflow.start_run(experiment_id=experiment):
+                tfx.log_model(
+                    str(checkpoint), name="model", task="llm/v1/chat", registered_model_name="chat"
+                )
+        mlflow.MlflowClient().set_registered_model_alias("chat", "prod", "1")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    yield uri
+
+
+@pytest.fixture(scope="module")
+def module_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared by the module's tests, so the model cache is filled once."""
+    return tmp_path_factory.mktemp("tfx-state")
+
+
+@pytest.fixture
+def state_dir(module_state_dir: Path) -> Iterator[Path]:
+    """The state dir; afterwards every recorded server is killed and its record removed."""
+    yield module_state_dir
+    for path in module_state_dir.glob("*.json"):
+        record = json.loads(path.read_text())
+        _kill(record["pid"], record["pid_create_time"])
+        path.unlink()
+
+
+@pytest.fixture
+def env(tracking_uri: str, state_dir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_TFX_STATE_DIR": str(state_dir),
+        "MLFLOW_TFX_STARTUP_TIMEOUT": "300",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _kill(pid: int, create_time: float) -> None:
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) < 0.05:
+            proc.kill()
+            proc.wait(10)
+    except psutil.Error:
+        pass
+
+
+def _cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "mlflow", "deployments", *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    if check:
+        assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr[-4000:]}"
+    return result
+
+
+def _get(env: dict[str, str], name: str) -> dict[str, str]:
+    """``mlflow deployments get`` output (``key: value`` lines) as a dict of strings."""
+    out = _cli(env, "get", "-t", "tfx", "--name", name).stdout
+    return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+def test_help_documents_every_key(env: dict[str, str]):
+    out = _cli(env, "help", "-t", "tfx").stdout
+    for key in valid_keys():
+        assert f"  {key} " in out
+    assert "mlflow deployments create -t tfx" in out
+
+
+def test_bad_config_key_lists_valid_keys(env: dict[str, str], state_dir: Path):
+    result = _cli(
+        env, "create", "-t", "tfx", "--name", "chat", "-m", "models:/chat/1",
+        "-C", "max_batch=4", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"Valid keys: {', '.join(valid_keys())}" in result.stderr
+    assert not list(state_dir.glob("*.json"))
+
+
+def test_create_list_get_predict_update_delete(
+    env: dict[str, str], state_dir: Path, tmp_path: Path
+):
+    out = _cli(
+        env, "create", "-t", "tfx", "--name", "chat", "-m", "models:/chat@prod",
+        "-C", "max_batch_size=4",
+    )  # fmt: skip
+    assert "tfx deployment chat is created" in out.stdout
+    assert "Ready at http://127.0.0.1:" in out.stderr
+
+    assert "'name': 'chat'" in _cli(env, "list", "-t", "tfx").stdout
+    first = _get(env, "chat")
+    assert (first["status"], first["model_version"]) == ("running", "1")
+    assert first["resolved_model_uri"] == "models:/chat/1"
+    assert first["model_uri"] == "models:/chat@prod"
+    assert "'max_batch_size': 4" in first["config"]
+    assert requests.get(f"{first['url']}/health", timeout=5).json()["status"] == "ready"
+
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps(CHAT_BODY))
+    answer = json.loads(_cli(env, "predict", "-t", "tfx", "--name", "chat", "-I", str(body)).stdout)
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"]["role"] == "assistant"
+    assert answer["usage"]["completion_tokens"] <= 5
+
+    client = TfxDeploymentClient(f"tfx:{state_dir}")
+    chunks = list(client.predict_stream("chat", CHAT_BODY))
+    assert chunks and chunks[0]["object"] == "chat.completion.chunk"
+
+    # update while a client keeps sending requests: none may fail
+    outcomes = _keep_predicting(client, lambda: _cli(
+        env, "update", "-t", "tfx", "--name", "chat", "-m", "models:/chat/2"
+    ))  # fmt: skip
+    assert outcomes["failures"] == [] and outcomes["successes"] > 0
+    second = _get(env, "chat")
+    assert (second["status"], second["model_version"]) == ("running", "2")
+    assert second["url"] != first["url"] and "'max_batch_size': 4" in second["config"]
+    assert not psutil.pid_exists(int(first["pid"])) or not _same_process(first)
+
+    _cli(env, "delete", "-t", "tfx", "--name", "chat")
+    assert not _same_process(second)
+    assert "[]" in _cli(env, "list", "-t", "tfx").stdout
+    gone = _cli(env, "get", "-t", "tfx", "--name", "chat", check=False)
+    assert gone.returncode != 0 and "No tfx deployment named 'chat'" in gone.stderr
+
+
+def _keep_predicting(client: TfxDeploymentClient, action: Any) -> dict[str, Any]:
+    """Run ``action`` while a thread predicts in a loop; count successes and failures."""
+    outcomes: dict[str, Any] = {"successes": 0, "failures": []}
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.is_set():
+            try:
+                client.predict("chat", CHAT_BODY)
+                outcomes["successes"] += 1
+            except Exception as err:  # every failure is a test failure
+                outcomes["failures"].append(repr(err))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        action()
+        time.sleep(1)  # requests after the switch too
+    finally:
+        done.set()
+        thread.join(120)
+    return outcomes
+
+
+def _same_process(described: dict[str, str]) -> bool:
+    try:
+        proc = psutil.Process(int(described["pid"]))
+        alive = proc.status() != psutil.STATUS_ZOMBIE
+        return alive and abs(proc.create_time() - float(described["pid_create_time"])) < 0.05
+    except psutil.Error:
+        return False
+
+
+def test_killed_server_is_reported_dead_and_can_be_recreated(env: dict[str, str], tmp_path: Path):
+    create = ("create", "-t", "tfx", "--name", "chat", "-m", "models:/chat/1")
+    _cli(env, *create)
+    pid = int(_get(env, "chat")["pid"])
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+    assert "'status': 'dead'" in _cli(env, "list", "-t", "tfx").stdout
+    assert _get(env, "chat")["status"] == "dead"
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps(CHAT_BODY))
+    predict = _cli(env, "predict", "-t", "tfx", "--name", "chat", "-I", str(body), check=False)
+    assert predict.returncode != 0
+    assert f"'chat' is not running (pid {pid} exited)" in predict.stderr
+
+    _cli(env, "delete", "-t", "tfx", "--name", "chat")
+    assert "[]" in _cli(env, "list", "-t", "tfx").stdout
+    again = _cli(env, *create)
+    assert "Using cached model" in again.stderr and "Downloading" not in again.stderr
+    assert _get(env, "chat")["status"] == "running"
+    _cli(env, "delete", "-t", "tfx", "--name", "chat")
+
+
+def test_run_local_stops_cleanly_on_sigint(env: dict[str, str], state_dir: Path):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "deployments", "run-local", "-t", "tfx"]
+    cmd += ["--name", "local", "-m", "models:/chat/1", "-C", f"port={port}"]
+    log = state_dir / "run-local.out"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        reply = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT_BODY)
+        assert reply.status_code == 200, reply.text
+        assert not list(state_dir.glob("*.json")), "run-local records nothing"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, log.read_text()[-4000:]
+        assert not any(child.is_running() for child in children)
+    finally:
+        for child in [*children, psutil.Process(proc.pid) if proc.poll() is None else None]:
+            if child is not None and child.is_running():
+                child.kill()

@@ -1,0 +1,881 @@
+"""The ``tfx`` deployment target: one local OpenAI-compatible server process per deployment.
+
+MLflow's plugin loader finds :class:`TfxDeploymentClient`, :func:`run_local` and
+:func:`target_help` in ``mlflow_tfx_plugin.deployments`` (the ``mlflow.deployments``
+entry point). Records live in :mod:`.state`, processes are handled by :mod:`.process`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import textwrap
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import requests
+from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    DEADLINE_EXCEEDED,
+    INTERNAL_ERROR,
+    NOT_IMPLEMENTED,
+    PERMISSION_DENIED,
+    REQUEST_LIMIT_EXCEEDED,
+    RESOURCE_ALREADY_EXISTS,
+    TEMPORARILY_UNAVAILABLE,
+    UNAUTHENTICATED,
+)
+
+from mlflow_tfx_plugin import _compat
+from mlflow_tfx_plugin.deployments import process
+from mlflow_tfx_plugin.deployments.config import (
+    API_KEY_ENV,
+    DeploymentConfig,
+    parse_config,
+)
+from mlflow_tfx_plugin.deployments.process import ServerProcess, say
+from mlflow_tfx_plugin.deployments.state import (
+    STATE_DIR_ENV,
+    DeploymentRecord,
+    DeploymentStore,
+    utc_now,
+    validate_name,
+)
+from mlflow_tfx_plugin.errors import InvalidInputError, ModelNotFoundError, TfxError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+FLAVOR = "tfx"
+SWITCH_GRACE_SECONDS = 1.0
+"""After an update switches the record, the old server keeps serving this long before SIGTERM,
+so that clients which read the old URL just before the switch still reach it."""
+
+CHAT_ROUTE = "/v1/chat/completions"
+COMPLETIONS_ROUTE = "/v1/completions"
+EMBEDDINGS_ROUTE = "/v1/embeddings"
+INVOCATIONS_ROUTE = "/invocations"
+_OPENAI_KEYS = {"messages": CHAT_ROUTE, "prompt": COMPLETIONS_ROUTE, "input": EMBEDDINGS_ROUTE}
+_INVOCATION_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+
+
+# --- model resolution and download ---------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedModel:
+    """A model URI pinned to what it pointed at when the deployment was made."""
+
+    model_uri: str
+    resolved_model_uri: str
+    cache_key: str | None = None  # None: a local directory used in place
+    registered_model_name: str | None = None
+    model_version: str | None = None
+    model_id: str | None = None
+    run_id: str | None = None
+
+
+def resolve_model(model_uri: str) -> ResolvedModel:
+    """Pin ``model_uri``: registry aliases, stages and ``latest`` become a version number.
+
+    Raises:
+        InvalidInputError: an empty URI.
+        ModelNotFoundError: a registry URI that names no version, a missing local path.
+    """
+    if not isinstance(model_uri, str) or not model_uri.strip():
+        raise InvalidInputError(f"A model URI is required, got {model_uri!r}.", param="model_uri")
+    scheme = urllib.parse.urlparse(model_uri).scheme
+    if scheme == "models":
+        return _resolve_registry_uri(model_uri)
+    if scheme == "runs":
+        parts = urllib.parse.urlparse(model_uri).path.strip("/").split("/")
+        key = _cache_key(f"run-{parts[0]}", mlflow.get_tracking_uri(), model_uri)
+        return ResolvedModel(
+            model_uri=model_uri, resolved_model_uri=model_uri, cache_key=key, run_id=parts[0]
+        )
+    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        path = Path(urllib.parse.urlparse(model_uri).path if scheme == "file" else model_uri)
+        if not path.expanduser().is_dir():
+            raise ModelNotFoundError(f"Model directory {str(path)!r} does not exist.")
+        local = str(path.expanduser().resolve())
+        return ResolvedModel(model_uri=model_uri, resolved_model_uri=local)
+    key = _cache_key(scheme, "", model_uri)
+    return ResolvedModel(model_uri=model_uri, resolved_model_uri=model_uri, cache_key=key)
+
+
+def _resolve_registry_uri(model_uri: str) -> ResolvedModel:
+    client = mlflow.MlflowClient()
+    try:
+        ident = _compat.get_model_name_and_version(client, model_uri)
+        if len(ident) == 1:
+            logged = client.get_logged_model(ident[0])
+            key = _cache_key(ident[0], mlflow.get_tracking_uri(), ident[0])
+            return ResolvedModel(
+                model_uri=model_uri,
+                resolved_model_uri=f"models:/{ident[0]}",
+                cache_key=key,
+                model_id=ident[0],
+                run_id=logged.source_run_id,
+            )
+        name, version = ident
+        mv = client.get_model_version(name, version)
+    except MlflowException as err:
+        raise ModelNotFoundError(
+            f"Cannot resolve model URI {model_uri!r}: {err.message} "
+            "Check the name, version or alias with `mlflow models` / the MLflow UI, and that "
+            "MLFLOW_TRACKING_URI points at the right server."
+        ) from err
+    if mv.model_id:
+        key = _cache_key(f"{name}-v{version}", mlflow.get_tracking_uri(), mv.model_id)
+    else:
+        key = _cache_key(f"{name}-v{version}", mlflow.get_registry_uri(), str(mv.source))
+    return ResolvedModel(
+        model_uri=model_uri,
+        resolved_model_uri=f"models:/{name}/{version}",
+        cache_key=key,
+        registered_model_name=name,
+        model_version=str(version),
+        model_id=mv.model_id,
+        run_id=mv.run_id,
+    )
+
+
+def _cache_key(label: str, store_uri: str, identity: str) -> str:
+    digest = hashlib.sha256(f"{store_uri}\n{identity}".encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._-")[:40] or "model"
+    return f"{slug}-{digest}"
+
+
+def fetch_model(store: DeploymentStore, resolved: ResolvedModel) -> Path:
+    """The local directory of ``resolved``: downloaded once into the store's model cache.
+
+    Raises:
+        InvalidInputError: the directory holds no MLflow model of the ``tfx`` flavor.
+    """
+    if resolved.cache_key is None:
+        model_dir = Path(resolved.resolved_model_uri)
+    else:
+
+        def download(tmp: Path) -> Path:
+            say(f"Downloading model {resolved.resolved_model_uri}...")
+            uri = resolved.resolved_model_uri
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+
+        try:
+            model_dir, fresh = store.cached_model(resolved.cache_key, download)
+        except MlflowException as err:
+            if isinstance(err, TfxError):
+                raise
+            raise ModelNotFoundError(
+                f"Cannot download model {resolved.resolved_model_uri!r}: {err.message}"
+            ) from err
+        if not fresh:
+            say(f"Using cached model {model_dir}")
+    _check_mlmodel(model_dir, resolved.model_uri)
+    return model_dir
+
+
+def _check_mlmodel(model_dir: Path, model_uri: str) -> None:
+    if not (model_dir / "MLmodel").is_file():
+        raise InvalidInputError(
+            f"{model_uri!r} is not an MLflow model (no MLmodel file in {model_dir}).",
+            param="model_uri",
+        )
+    flavors = mlflow.models.Model.load(str(model_dir)).flavors
+    if FLAVOR not in flavors and "transformers" not in flavors:
+        raise InvalidInputError(
+            f"Model {model_uri!r} has flavors {sorted(flavors)}; the tfx target serves models "
+            "logged with mlflow_tfx_plugin (flavor 'tfx') or mlflow.transformers.",
+            param="model_uri",
+        )
+
+
+# --- prediction inputs ---------------------------------------------------------------------
+
+
+def requests_from_inputs(inputs: Any) -> list[dict[str, Any]]:
+    """Request bodies for ``predict``: one per dict, or from a DataFrame (see below).
+
+    A DataFrame is what ``mlflow deployments predict --input-path`` reads with
+    ``pd.read_json``:
+
+    * a chat body ``{"messages": [...], "max_tokens": 5}`` arrives with one message per row
+      and the other keys repeated: it becomes that one chat request again;
+    * rows that differ only in ``prompt`` (or ``input``) become one request with a list;
+    * other rows holding ``messages``/``prompt``/``input`` are one request each;
+    * a single ``inputs``/``instances``/``dataframe_records``/``dataframe_split`` column is
+      sent as that /invocations payload; any other DataFrame as ``dataframe_split``.
+
+    Raises:
+        InvalidInputError: empty input, an unsupported type, or chat rows that disagree.
+    """
+    if isinstance(inputs, Mapping):
+        return [dict(inputs)]
+    if isinstance(inputs, list) and inputs and all(isinstance(i, Mapping) for i in inputs):
+        return [dict(item) for item in inputs]
+    if type(inputs).__name__ == "DataFrame" and hasattr(inputs, "to_json"):
+        return _requests_from_dataframe(inputs)
+    raise InvalidInputError(
+        "predict takes a request body (dict), a list of them, or a pandas DataFrame; "
+        f"got {type(inputs).__name__}.",
+        param="inputs",
+    )
+
+
+def _requests_from_dataframe(df: pd.DataFrame) -> list[dict[str, Any]]:
+    if df.empty:
+        raise InvalidInputError("The input DataFrame is empty.", param="inputs")
+    columns = [str(column) for column in df.columns]
+    if len(columns) == 1 and columns[0] in _INVOCATION_KEYS:
+        return [{columns[0]: _column_payload(df)}]
+    rows = [
+        {key: value for key, value in row.items() if value is not None}
+        for row in json.loads(df.to_json(orient="records"))
+    ]
+    if "messages" in columns and all(isinstance(r.get("messages"), dict) for r in rows):
+        return [_merge_rows(rows, "messages")]
+    for key in ("prompt", "input"):
+        if key in columns and len(rows) > 1 and _differ_only_in(rows, key):
+            return [_merge_rows(rows, key)]
+    if any(key in columns for key in _OPENAI_KEYS):
+        return rows
+    return [{"dataframe_split": json.loads(df.to_json(orient="split", index=False))}]
+
+
+def _column_payload(df: pd.DataFrame) -> Any:
+    import pandas as pd
+
+    series = df.iloc[:, 0]
+    if isinstance(df.index, pd.RangeIndex):
+        return json.loads(series.to_json(orient="values"))
+    return json.loads(series.to_json(orient="index"))
+
+
+def _differ_only_in(rows: list[dict[str, Any]], key: str) -> bool:
+    if not all(isinstance(row.get(key), str) for row in rows):
+        return False
+    others = [{k: v for k, v in row.items() if k != key} for row in rows]
+    return all(other == others[0] for other in others)
+
+
+def _merge_rows(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Fold rows that pandas exploded out of one body back into that body."""
+    body: dict[str, Any] = {key: [row.get(key) for row in rows]}
+    for row in rows:
+        for other, value in row.items():
+            if other == key:
+                continue
+            if other in body and body[other] != value:
+                raise InvalidInputError(
+                    f"The rows of the input disagree on {other!r} ({body[other]!r} vs "
+                    f"{value!r}). Write the input file as a JSON list of request bodies, or "
+                    "call predict() with a dict.",
+                    param=other,
+                )
+            body[other] = value
+    return body
+
+
+def route_of(body: Mapping[str, Any]) -> str:
+    """The server route for a request body: chat, completions, embeddings or /invocations."""
+    for key, route in _OPENAI_KEYS.items():
+        if key in body:
+            return route
+    return INVOCATIONS_ROUTE
+
+
+# --- HTTP ----------------------------------------------------------------------------------
+
+
+class _UnreachableError(Exception):
+    pass
+
+
+_STATUS_ERRORS = {
+    401: UNAUTHENTICATED,
+    403: PERMISSION_DENIED,
+    429: REQUEST_LIMIT_EXCEEDED,
+    503: TEMPORARILY_UNAVAILABLE,
+    504: DEADLINE_EXCEEDED,
+}
+
+
+def _post(
+    url: str, body: Mapping[str, Any], *, api_key: str | None, timeout: float, stream: bool
+) -> requests.Response:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = requests.post(
+            url, json=dict(body), headers=headers, timeout=(10, timeout), stream=stream
+        )
+    except requests.ConnectionError as err:
+        raise _UnreachableError(str(err)) from err
+    except requests.Timeout as err:
+        raise TfxError(
+            f"No answer from {url} within {timeout:.0f} s.", error_code=DEADLINE_EXCEEDED
+        ) from err
+    if response.status_code >= 400:
+        raise _http_error(response, url)
+    return response
+
+
+def _http_error(response: requests.Response, url: str) -> MlflowException:
+    """One place mapping the server's HTTP errors (OpenAI error JSON) to exceptions."""
+    status = response.status_code
+    try:
+        error = response.json().get("error") or {}
+        message, param = str(error.get("message") or response.text), error.get("param")
+    except (ValueError, AttributeError):
+        message, param = response.text[:500], None
+    text = f"{url} answered HTTP {status}: {message}"
+    if status == 401:
+        text += f" Set ${API_KEY_ENV} to the deployment's API key."
+    if status in (400, 404, 413, 422):
+        return InvalidInputError(text, param=param)
+    return TfxError(text, error_code=_STATUS_ERRORS.get(status, INTERNAL_ERROR))
+
+
+def _sse_chunks(response: requests.Response) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a ``text/event-stream`` body, up to ``data: [DONE]``."""
+    with response:
+        for line in response.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data:"):
+                continue
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            if isinstance(chunk, dict) and "error" in chunk:
+                error = chunk["error"] or {}
+                raise TfxError(f"The stream failed: {error.get('message', error)}")
+            yield chunk
+
+
+# --- the client ----------------------------------------------------------------------------
+
+
+class TfxDeploymentClient(BaseDeploymentClient):
+    """Deployments of the ``tfx`` target: local server processes, records on disk.
+
+    The target URI is ``tfx`` (records under ``$MLFLOW_TFX_STATE_DIR`` or
+    ``~/.mlflow-tfx/deployments``) or ``tfx:/PATH`` (records under ``PATH``).
+
+    Example:
+        >>> from mlflow.deployments import get_deploy_client
+        >>> client = get_deploy_client("tfx")  # doctest: +SKIP
+        >>> client.create_deployment("chat", "models:/chat@prod", config={"max_batch_size": "4"})
+        >>> client.predict("chat", {"messages": [{"role": "user", "content": "Hi"}]})
+    """
+
+    def __init__(self, target_uri: str) -> None:
+        super().__init__(target_uri)
+        self.store = DeploymentStore(_state_dir_of(target_uri))
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def create_deployment(
+        self,
+        name: str,
+        model_uri: str,
+        flavor: str | None = None,
+        config: dict[str, Any] | None = None,
+        endpoint: str | None = None,
+    ) -> dict[str, Any]:
+        """Serve ``model_uri`` as deployment ``name``; returns once ``/health`` answers 200.
+
+        Raises:
+            InvalidInputError: a bad name, flavor or ``-C`` option; a busy fixed port.
+            TfxError: a live deployment of that name exists (code RESOURCE_ALREADY_EXISTS),
+                or the server did not start (the message holds the end of its log).
+            ModelNotFoundError: the model URI resolves to nothing.
+        """
+        _check_common(name, flavor, endpoint)
+        cfg = parse_config(config)
+        with self._locked(name), process.sigterm_raises():
+            existing = self.store.read(name)
+            if existing is not None and self._is_running(existing):
+                raise TfxError(
+                    f"Deployment {name!r} already exists and is running at {existing.url}. "
+                    f"Use `mlflow deployments update -t tfx --name {name}` to change it or "
+                    "`mlflow deployments delete` first.",
+                    error_code=RESOURCE_ALREADY_EXISTS,
+                )
+            resolved = resolve_model(model_uri)
+            model_dir = fetch_model(self.store, resolved)
+            server, url = _launch(self.store, name, model_dir, cfg)
+            record = _new_record(name, resolved, model_dir, cfg, server, url)
+            try:
+                self.store.write(record)
+            except BaseException:
+                process.stop(server.pid, server.create_time, grace=5)
+                raise
+            if existing is not None:
+                Path(existing.log_path).unlink(missing_ok=True)
+        return self._describe(record)
+
+    def update_deployment(
+        self,
+        name: str,
+        model_uri: str | None = None,
+        flavor: str | None = None,
+        config: dict[str, Any] | None = None,
+        endpoint: str | None = None,
+    ) -> dict[str, Any]:
+        """Replace the model and/or config (merged over the old config) of ``name``.
+
+        The new server starts beside the old one, on a new port; once its ``/health``
+        answers, the record switches to it and the old server is stopped, so requests keep
+        succeeding. With a fixed ``port`` equal to the running one, both cannot listen at
+        once: the old server is stopped first (requests fail until the new one is ready),
+        and restarted if the new one fails. If the new server fails, the old one keeps
+        serving and the record is unchanged.
+
+        Raises:
+            ModelNotFoundError: no deployment ``name``.
+            InvalidInputError, TfxError: as for :meth:`create_deployment`.
+        """
+        _check_common(name, flavor, endpoint)
+        parse_config(config)  # unknown keys and bad values fail before anything happens
+        with self._locked(name), process.sigterm_raises():
+            old = self._require(name)
+            cfg = _merged_config(old, config or {})
+            if model_uri:
+                resolved = resolve_model(model_uri)
+                model_dir = fetch_model(self.store, resolved)
+            else:
+                resolved, model_dir = _resolved_of(old), Path(old.local_model_dir)
+            old_alive = self._is_running(old)
+            in_place = bool(old_alive and cfg.port and cfg.port == old.port)
+            if in_place:
+                say(f"Port {old.port} is fixed: stopping the old server first (downtime).")
+                process.stop(old.pid, old.pid_create_time)
+            try:
+                server, url = _launch(self.store, name, model_dir, cfg)
+            except BaseException:
+                if in_place:
+                    self._restart(old)
+                raise
+            new = _new_record(name, resolved, model_dir, cfg, server, url)
+            new = replace(new, created_at=old.created_at)
+            self.store.write(new)
+            if old_alive and not in_place:
+                time.sleep(SWITCH_GRACE_SECONDS)
+                say(f"Stopping the old server (pid {old.pid})...")
+                process.stop(old.pid, old.pid_create_time)
+            Path(old.log_path).unlink(missing_ok=True)
+        return self._describe(new)
+
+    def delete_deployment(
+        self, name: str, config: dict[str, Any] | None = None, endpoint: str | None = None
+    ) -> None:
+        """Stop the server of ``name`` (SIGTERM, 30 s, SIGKILL) and remove its record and log.
+
+        Raises:
+            ModelNotFoundError: no deployment ``name`` (code RESOURCE_DOES_NOT_EXIST).
+        """
+        _check_common(name, None, endpoint)
+        if config:
+            raise InvalidInputError(
+                f"delete takes no -C options, got {sorted(config)}.", param=sorted(config)[0]
+            )
+        with self._locked(name):
+            record = self._require(name)
+            if self._is_running(record):
+                say(f"Stopping server pid {record.pid}...")
+                process.stop(record.pid, record.pid_create_time)
+            else:
+                say(f"Deployment {name!r} was not running; removing its record.")
+            self.store.remove(name)
+            Path(record.log_path).unlink(missing_ok=True)
+
+    def list_deployments(self, endpoint: str | None = None) -> list[dict[str, Any]]:
+        """Every deployment of this target, each a dict with ``name``, ``status``, ``url``, ..."""
+        _check_endpoint(endpoint)
+        return [self._describe(record) for record in self.store.records()]
+
+    def get_deployment(self, name: str, endpoint: str | None = None) -> dict[str, Any]:
+        """The record of ``name`` with its live ``status`` ("running" or "dead").
+
+        Raises:
+            ModelNotFoundError: no deployment ``name``.
+        """
+        _check_common(name, None, endpoint)
+        return self._describe(self._require(name))
+
+    # --- inference -------------------------------------------------------------------------
+
+    def predict(
+        self, deployment_name: str | None = None, inputs: Any = None, endpoint: str | None = None
+    ) -> PredictionsResponse:
+        """Send ``inputs`` to deployment ``deployment_name`` and return the server's JSON.
+
+        A body with ``messages`` goes to /v1/chat/completions, ``prompt`` to /v1/completions,
+        ``input`` to /v1/embeddings, anything else to /invocations (see
+        :func:`requests_from_inputs` for DataFrames). One request returns its response
+        object; several return ``{"predictions": [response, ...]}``. The API key, if the
+        deployment has one, is read from ``$MLFLOW_TFX_API_KEY``.
+
+        Example:
+            >>> client.predict("chat", {"messages": [{"role": "user", "content": "Hi"}]})
+            {'id': 'chatcmpl-...', 'object': 'chat.completion', 'choices': [...], ...}
+        """
+        name = _deployment_name(deployment_name, endpoint)
+        bodies = requests_from_inputs(inputs)
+        if any(body.get("stream") for body in bodies):
+            raise InvalidInputError(
+                "predict does not stream: drop 'stream' or call predict_stream().", param="stream"
+            )
+        answers = [self._request(name, body, stream=False).json() for body in bodies]
+        if len(answers) == 1:
+            answer = answers[0]
+            return PredictionsResponse(
+                answer if isinstance(answer, dict) else {"predictions": answer}
+            )
+        return PredictionsResponse({"predictions": answers})
+
+    def predict_stream(
+        self, deployment_name: str | None = None, inputs: Any = None, endpoint: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Stream a chat or completions request; yields the chunks as dicts.
+
+        The request is checked and sent before this returns, so errors surface here and
+        not at the first ``next()``.
+
+        Raises:
+            InvalidInputError: inputs that are not one chat/completions body.
+            TfxError: the server sent an error frame mid-stream.
+        """
+        name = _deployment_name(deployment_name, endpoint)
+        bodies = requests_from_inputs(inputs)
+        if len(bodies) != 1 or route_of(bodies[0]) not in (CHAT_ROUTE, COMPLETIONS_ROUTE):
+            raise InvalidInputError(
+                "predict_stream takes one chat ('messages') or completions ('prompt') request.",
+                param="inputs",
+            )
+        response = self._request(name, {**bodies[0], "stream": True}, stream=True)
+        return _sse_chunks(response)
+
+    def explain(
+        self, deployment_name: str | None = None, df: Any = None, endpoint: str | None = None
+    ) -> Any:
+        """Not supported: raises."""
+        raise TfxError(
+            "explain is not supported by the tfx target; use predict.", error_code=NOT_IMPLEMENTED
+        )
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _locked(self, name: str) -> Any:
+        def waiting() -> None:
+            say(f"Waiting for another operation on deployment {name!r} to finish...")
+
+        return self.store.lock(name, on_wait=waiting)
+
+    def _require(self, name: str) -> DeploymentRecord:
+        record = self.store.read(name)
+        if record is None:
+            raise ModelNotFoundError(
+                f"No tfx deployment named {name!r} (state dir {self.store.root}). "
+                "`mlflow deployments list -t tfx` shows the existing ones."
+            )
+        return record
+
+    @staticmethod
+    def _is_running(record: DeploymentRecord) -> bool:
+        return process.is_running(record.pid, record.pid_create_time)
+
+    def _describe(self, record: DeploymentRecord) -> dict[str, Any]:
+        status = "running" if self._is_running(record) else "dead"
+        return {**record.to_dict(), "status": status, "flavor": FLAVOR}
+
+    def _restart(self, old: DeploymentRecord) -> None:
+        """Best effort after a failed in-place update: bring the old server back."""
+        try:
+            cfg = _merged_config(old, {})
+            server, _ = _launch(self.store, old.name, Path(old.local_model_dir), cfg)
+        except (MlflowException, OSError) as err:
+            say(f"Could not restart the old server: {err}")
+            return
+        self.store.write(
+            replace(
+                old,
+                pid=server.pid,
+                pid_create_time=server.create_time,
+                log_path=str(server.log_path),
+            )
+        )
+        Path(old.log_path).unlink(missing_ok=True)
+
+    def _running_record(self, name: str) -> DeploymentRecord:
+        record = self._require(name)
+        if not self._is_running(record):
+            raise TfxError(
+                f"Deployment {name!r} is not running (pid {record.pid} exited); see log "
+                f"{record.log_path}; delete and create it again.",
+                error_code=TEMPORARILY_UNAVAILABLE,
+            )
+        return record
+
+    def _request(self, name: str, body: dict[str, Any], *, stream: bool) -> requests.Response:
+        record = self._running_record(name)
+        api_key = os.environ.get(API_KEY_ENV) or None
+        if record.config.get("api_key") and not api_key:
+            raise TfxError(
+                f"Deployment {name!r} requires an API key: set ${API_KEY_ENV}.",
+                error_code=UNAUTHENTICATED,
+            )
+        timeout = float(record.config.get("timeout") or 60.0) + 30.0
+        route = route_of(body)
+        try:
+            return _post(record.url + route, body, api_key=api_key, timeout=timeout, stream=stream)
+        except _UnreachableError as err:
+            current = self._running_record(name)  # an update may have moved it
+            if current.url == record.url:
+                raise TfxError(
+                    f"Cannot reach deployment {name!r} at {record.url}: {err}. "
+                    f"See log {record.log_path}.",
+                    error_code=TEMPORARILY_UNAVAILABLE,
+                ) from None
+            return _post(current.url + route, body, api_key=api_key, timeout=timeout, stream=stream)
+
+
+# --- shared steps --------------------------------------------------------------------------
+
+
+def _state_dir_of(target_uri: str) -> Path | None:
+    """``tfx`` -> default state dir; ``tfx:/PATH`` -> ``PATH``."""
+    parsed = urllib.parse.urlparse(target_uri or FLAVOR)
+    if parsed.netloc:
+        raise InvalidInputError(
+            f"Invalid target {target_uri!r}: use 'tfx' or 'tfx:/path/to/state-dir'.",
+            param="target",
+        )
+    return Path(parsed.path) if parsed.scheme and parsed.path not in ("", "/") else None
+
+
+def _check_endpoint(endpoint: str | None) -> None:
+    if endpoint is not None:
+        raise InvalidInputError(
+            f"The tfx target has no endpoints (got --endpoint {endpoint!r}); use --name.",
+            param="endpoint",
+        )
+
+
+def _check_common(name: str, flavor: str | None, endpoint: str | None) -> None:
+    validate_name(name)
+    _check_endpoint(endpoint)
+    if flavor not in (None, FLAVOR):
+        raise InvalidInputError(
+            f"The tfx target deploys flavor 'tfx' only, got flavor {flavor!r}.", param="flavor"
+        )
+
+
+def _deployment_name(deployment_name: str | None, endpoint: str | None) -> str:
+    """``--name`` or, as MLflow's gateway clients use it, ``--endpoint``: one of them."""
+    if deployment_name and endpoint and deployment_name != endpoint:
+        raise InvalidInputError("Pass the deployment name once (--name).", param="endpoint")
+    return validate_name(deployment_name or endpoint)
+
+
+def _merged_config(old: DeploymentRecord, update: Mapping[str, Any]) -> DeploymentConfig:
+    """The old public config with ``update`` over it; the key comes from ``update`` or env."""
+    base = {k: v for k, v in old.config.items() if k != "api_key" and v is not None}
+    if "api_key" not in update and old.config.get("api_key") and not os.environ.get(API_KEY_ENV):
+        raise InvalidInputError(
+            f"Deployment {old.name!r} requires an API key, which is never stored: set "
+            f"${API_KEY_ENV} (or pass -C api_key=...) for the update.",
+            param="api_key",
+        )
+    return parse_config({**base, **update})
+
+
+def _resolved_of(record: DeploymentRecord) -> ResolvedModel:
+    return ResolvedModel(
+        model_uri=record.model_uri,
+        resolved_model_uri=record.resolved_model_uri,
+        registered_model_name=record.registered_model_name,
+        model_version=record.model_version,
+        model_id=record.model_id,
+        run_id=record.run_id,
+    )
+
+
+def _launch(
+    store: DeploymentStore, name: str, model_dir: Path, cfg: DeploymentConfig
+) -> tuple[ServerProcess, str]:
+    """Start a detached server for ``model_dir`` and wait for its ``/health``."""
+    port = cfg.port or process.free_port(cfg.host)
+    if cfg.port:
+        process.check_port_free(cfg.host, port)
+    command = process.server_command(model_dir, name, {**cfg.server_arguments(), "port": port})
+    env = process.server_environment(cfg.api_key_value(), API_KEY_ENV)
+    log_path = store.new_log_path(name)
+    say(f"Starting server for {name!r} on {cfg.host}:{port} (log: {log_path})")
+    server = process.start_detached(command, env, log_path)
+    url = f"http://{process.client_host(cfg.host)}:{port}"
+    try:
+        process.wait_until_healthy(server, url, timeout=process.startup_timeout())
+    except BaseException:
+        process.stop(server.pid, server.create_time, grace=5)
+        raise
+    say(f"Ready at {url}")
+    return server, url
+
+
+def _new_record(
+    name: str,
+    resolved: ResolvedModel,
+    model_dir: Path,
+    cfg: DeploymentConfig,
+    server: ServerProcess,
+    url: str,
+) -> DeploymentRecord:
+    port = int(url.rsplit(":", 1)[1])
+    return DeploymentRecord(
+        name=name,
+        model_uri=resolved.model_uri,
+        resolved_model_uri=resolved.resolved_model_uri,
+        registered_model_name=resolved.registered_model_name,
+        model_version=resolved.model_version,
+        model_id=resolved.model_id,
+        run_id=resolved.run_id,
+        local_model_dir=str(model_dir),
+        pid=server.pid,
+        pid_create_time=server.create_time,
+        host=cfg.host,
+        port=port,
+        url=url,
+        log_path=str(server.log_path),
+        config=cfg.to_public_dict(),
+        updated_at=utc_now(),
+    )
+
+
+# --- module-level target API ---------------------------------------------------------------
+
+
+def run_local(
+    name: str, model_uri: str, flavor: str | None = None, config: dict[str, Any] | None = None
+) -> None:
+    """Serve ``model_uri`` in the foreground until Ctrl-C (SIGINT) or SIGTERM.
+
+    Nothing is recorded: ``get``/``list``/``delete`` do not see it. The model is cached
+    like for ``create``. The server's log goes to this terminal.
+
+    Raises:
+        TfxError: the server exited by itself with a non-zero code.
+    """
+    _check_common(name, flavor, None)
+    cfg = parse_config(config)
+    store = DeploymentStore()
+    model_dir = fetch_model(store, resolve_model(model_uri))
+    port = cfg.port or process.free_port(cfg.host)
+    if cfg.port:
+        process.check_port_free(cfg.host, port)
+    command = process.server_command(model_dir, name, {**cfg.server_arguments(), "port": port})
+    env = process.server_environment(cfg.api_key_value(), API_KEY_ENV)
+    url = f"http://{process.client_host(cfg.host)}:{port}"
+    say(f"Serving {name!r} at {url} in the foreground; Ctrl-C stops it.")
+    code = process.run_foreground(command, env, url)
+    if code != 0:
+        raise TfxError(f"The server for {name!r} exited with code {code}; see its log above.")
+    say("Server stopped.")
+
+
+def target_help() -> str:
+    """The text of ``mlflow deployments help -t tfx``; config docs come from the code."""
+    fields = DeploymentConfig.model_fields
+    width = max(len(key) for key in fields) + 4
+    options = "\n".join(
+        textwrap.fill(
+            f"{key:<{width - 2}}{_field_text(info.description, info.default)}",
+            width=92,
+            initial_indent="  ",
+            subsequent_indent=" " * width,
+        )
+        for key, info in fields.items()
+    )
+    return _HELP.format(
+        options=options,
+        api_key_env=API_KEY_ENV,
+        state_env=STATE_DIR_ENV,
+        startup_env=process.STARTUP_TIMEOUT_ENV,
+    )
+
+
+def _field_text(description: str | None, default: Any) -> str:
+    text = (description or "").strip()
+    if "default" in text.lower():
+        return text
+    return f"{text} (default: {'none' if default is None else default})"
+
+
+_HELP = """\
+The tfx target serves MLflow models of the tfx flavor (Hugging Face transformers) with an
+OpenAI-compatible HTTP server: one local process per deployment, with the routes
+/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /invocations and /health.
+
+Target URI
+  tfx          records under ${state_env} (default ~/.mlflow-tfx/deployments)
+  tfx:/PATH    records under PATH
+  The state directory holds one JSON record per deployment, the server logs (logs/) and the
+  downloaded models (models/). It never holds an API key.
+
+Model URI (-m)
+  runs:/RUN_ID/PATH, models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest,
+  models:/m-MODEL_ID, or a local model directory. Aliases, stages and 'latest' are resolved
+  to a version once, at create/update time, and recorded (see `get`). A resolved model is
+  downloaded once and reused.
+
+Config options (-C key=value; create, update and run-local)
+{options}
+
+Environment
+  {api_key_env}  the API key. Read by create/update/run-local when -C api_key is not
+                      given (the key reaches the server only through its environment), and
+                      by predict, which sends it as 'Authorization: Bearer KEY'.
+  {state_env}  the state directory (see Target URI).
+  {startup_env}  seconds to wait for a new server to load its model and answer
+                      /health (default 600). 'timeout' above is the per-request limit.
+
+Commands
+  mlflow deployments create -t tfx --name chat -m models:/chat@prod -C max_batch_size=4
+      Starts the server in the background and returns when /health answers. Fails if a
+      running deployment 'chat' exists; a dead one is replaced.
+  mlflow deployments list -t tfx
+  mlflow deployments get -t tfx --name chat
+      status is 'running' or 'dead' (the server process exited).
+  mlflow deployments predict -t tfx --name chat --input-path body.json
+      body.json holds an OpenAI request: {{"messages": [...], "max_tokens": 16}} (chat),
+      {{"prompt": ["..."]}} (completions), {{"input": ["..."]}} (embeddings); anything else
+      goes to /invocations like `mlflow models serve` input. A JSON list of bodies sends one
+      request each and prints {{"predictions": [...]}} (bodies that differ only in "prompt"
+      or "input" are sent as one request with a list). Use a list also when a body has
+      list-valued options such as "stop", which the CLI's pandas reader cannot take.
+      The CLI cannot stream; from Python, predict_stream() yields the chunks.
+  mlflow deployments update -t tfx --name chat -m models:/chat/2 [-C key=value ...]
+      Starts the new server, switches the record to it once healthy, then stops the old
+      one: no downtime, but the URL (port) changes; `predict` follows it. Config merges over
+      the old one. With a fixed port equal to the running one, the old server is stopped
+      first (downtime). If the new server fails, the old one keeps serving.
+  mlflow deployments delete -t tfx --name chat
+      SIGTERM (in-flight requests finish), SIGKILL after 30 s; removes record and log.
+  mlflow deployments run-local -t tfx --name chat -m models:/chat/1 -C port=8080
+      Serves in the foreground until Ctrl-C; nothing is recorded.
+  explain is not supported; use predict.
+
+From Python
+  from mlflow.deployments import get_deploy_client
+  client = get_deploy_client("tfx")
+  client.predict("chat", {{"messages": [{{"role": "user", "content": "Hi"}}]}})
+  for chunk in client.predict_stream("chat", {{"messages": [...]}}):
+      print(chunk["choices"][0]["delta"].get("content", ""), end="")
+"""
