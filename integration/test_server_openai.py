@@ -384,3 +384,55 @@ def _eventually(check, timeout: float = 20) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.1)
+
+
+def test_serves_a_model_logged_by_stock_mlflow_transformers(tmp_path: Path):
+    import mlflow
+    import transformers
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_models
+
+    checkpoint = tiny_models.build_gpt2(tmp_path / "gpt2")
+    pipe = transformers.pipeline("text-generation", model=str(checkpoint))
+    mlflow.transformers.save_model(
+        pipe, tmp_path / "stock", task="llm/v1/chat", pip_requirements=["transformers"]
+    )
+    expected = tfx._load_pyfunc(str(tmp_path / "stock")).predict(
+        {"messages": HELLO, "max_tokens": 5, "temperature": 0}
+    )
+
+    with serve(tmp_path / "stock", tmp_path / "log", name="stock") as server:
+        response = server.client().chat.completions.create(
+            model="stock", messages=HELLO, max_tokens=5, temperature=0
+        )
+        streamed = server.client().chat.completions.create(
+            model="stock", messages=HELLO, max_tokens=5, temperature=0, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+
+    assert response.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert text == response.choices[0].message.content
+
+
+def test_embeddings_match_sentence_transformers(tmp_path: Path):
+    from sentence_transformers import SentenceTransformer
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_models
+
+    checkpoint = tiny_models.build_minilm_copy(tmp_path / "minilm")
+    tfx.save_model(checkpoint, tmp_path / "model", task="llm/v1/embeddings")
+    texts = ["MLflow tracks models.", "The cat sat on the mat.", "Paris is in France."]
+    expected = SentenceTransformer(str(checkpoint), device="cpu").encode(texts)
+
+    with serve(tmp_path / "model", tmp_path / "log", name="minilm") as server:
+        response = server.client().embeddings.create(model="minilm", input=texts)
+        with pytest.raises(openai.NotFoundError, match="embeddings"):
+            server.client().chat.completions.create(model="minilm", messages=HELLO)
+
+    vectors = np.array([item.embedding for item in response.data])
+    cosine = (vectors * expected).sum(axis=1) / (
+        np.linalg.norm(vectors, axis=1) * np.linalg.norm(expected, axis=1)
+    )
+    assert cosine.min() > 0.9999

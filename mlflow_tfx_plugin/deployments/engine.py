@@ -23,9 +23,9 @@ import threading
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from mlflow_tfx_plugin.errors import InvalidInputError, TfxError
 from mlflow_tfx_plugin.generation import (
@@ -80,6 +80,10 @@ class GenerationEngine(Protocol):
     ) -> AsyncGenerator[StreamDelta, None]: ...
 
     def close(self) -> None: ...
+
+    def exclusive(self) -> AbstractContextManager[Any]:
+        """Hold while running the model outside the engine (embeddings, pyfunc predict)."""
+        ...
 
     @property
     def queue_depth(self) -> int: ...
@@ -171,11 +175,22 @@ class _GenerationItem:
 
 
 class MicroBatchingEngine:
-    """Dynamic micro-batching over :class:`TextGenerator` (one ``generate`` per batch)."""
+    """Dynamic micro-batching over :class:`TextGenerator` (one ``generate`` per batch).
 
-    def __init__(self, generator: TextGenerator, settings: EngineSettings) -> None:
+    Args:
+        exclusive: entered around every model call (the continuous-batching engine passes
+            its pause, when it hands requests over to this one).
+    """
+
+    def __init__(
+        self,
+        generator: TextGenerator,
+        settings: EngineSettings,
+        exclusive: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> None:
         self.generator = generator
         self.settings = settings
+        self.exclusive = exclusive
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfx-generate")
         self._stream_executor = ThreadPoolExecutor(thread_name_prefix="tfx-stream")
         self._batcher: MicroBatcher[_GenerationItem, PromptResult] = MicroBatcher(
@@ -206,11 +221,12 @@ class MicroBatchingEngine:
         def produce() -> None:
             try:
                 self.settings.on_batch(1)
-                events = self.generator.stream(
-                    prompt, params, add_special_tokens=add_special_tokens, cancel=cancel
-                )
-                for event in events:
-                    loop.call_soon_threadsafe(deltas.put_nowait, event)
+                with self.exclusive():
+                    events = self.generator.stream(
+                        prompt, params, add_special_tokens=add_special_tokens, cancel=cancel
+                    )
+                    for event in events:
+                        loop.call_soon_threadsafe(deltas.put_nowait, event)
             except BaseException as err:  # handed to the consumer, raised there
                 loop.call_soon_threadsafe(deltas.put_nowait, err)
             loop.call_soon_threadsafe(deltas.put_nowait, None)
@@ -232,7 +248,8 @@ class MicroBatchingEngine:
         results: list[PromptResult | None] = [None] * len(items)
         for (params, add_special), indices in groups.items():
             prompts = [items[i].prompt for i in indices]
-            generated = self.generator.generate(prompts, params, add_special_tokens=add_special)
+            with self.exclusive():
+                generated = self.generator.generate(prompts, params, add_special_tokens=add_special)
             for index, result in zip(indices, generated, strict=True):
                 results[index] = result
         return [result for result in results if result is not None]
@@ -255,10 +272,10 @@ class ContinuousBatchingEngine:
     def __init__(self, generator: TextGenerator, settings: EngineSettings) -> None:
         self.generator = generator
         self.settings = settings
-        self._fallback = MicroBatchingEngine(generator, settings)
+        self._manager = _start_manager(generator, settings)
+        self._fallback = MicroBatchingEngine(generator, settings, exclusive=self.exclusive)
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._sinks_lock = threading.Lock()
-        self._manager = _start_manager(generator, settings)
         self._stopping = threading.Event()
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="tfx-cb-dispatch", daemon=True
@@ -268,6 +285,14 @@ class ContinuousBatchingEngine:
     @property
     def queue_depth(self) -> int:
         return self._manager.input_queue.qsize() + self._fallback.queue_depth
+
+    def exclusive(self) -> AbstractContextManager[Any]:
+        """Pause the generation loop at a step boundary (its sequences and cache are kept).
+
+        The manager's forward passes change state the model shares, so any other
+        forward pass on the same model must not overlap them.
+        """
+        return cast(AbstractContextManager[Any], self._manager.pause())
 
     async def generate(
         self, prompt: str, params: GenerationParams, *, add_special_tokens: bool

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,7 +211,8 @@ class ServedModel:
     def _encode_batch(self, batches: list[list[str]]) -> list[tuple[Any, list[int]]]:
         assert self.embeddings is not None
         texts = [text for texts in batches for text in texts]
-        vectors, counts = self.embeddings.runner.encode(texts)  # one forward pass
+        with self._exclusive():
+            vectors, counts = self.embeddings.runner.encode(texts)  # one forward pass
         results, offset = [], 0
         for texts in batches:
             end = offset + len(texts)
@@ -224,7 +225,15 @@ class ServedModel:
     async def predict(self, data: Any) -> Any:
         """Any task, the way ``mlflow models serve`` runs it (one call at a time)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.adapter.predict, to_python(data))
+        return await loop.run_in_executor(self._executor, self._predict, to_python(data))
+
+    def _predict(self, data: Any) -> Any:
+        with self._exclusive():
+            return self.adapter.predict(data)
+
+    def _exclusive(self) -> AbstractContextManager[Any]:
+        """Model calls outside the generation engine must not overlap its steps."""
+        return self.engine.exclusive() if self.engine is not None else nullcontext()
 
     def _require(self, adapter: Any, route: str) -> None:
         if adapter is None:

@@ -72,7 +72,12 @@ class EmbeddingRunner:
         import torch
 
         batch = self.tokenizer(
-            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+            texts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="right",  # positions start at 0 for every text, causal LMs included
+            truncation=True,
+            max_length=self.max_length,
         ).to(self.model.device)
         with torch.inference_mode():
             hidden = self.model(**batch).last_hidden_state
