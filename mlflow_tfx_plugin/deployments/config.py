@@ -36,7 +36,13 @@ class DeploymentConfig(BaseModel):
     )
     device: str | None = Field(None, description="torch device: cpu, cuda, cuda:1, mps, auto.")
     torch_dtype: str | None = Field(None, description="One of: " + ", ".join(_TORCH_DTYPES) + ".")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Sequences generated together.")
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Sequences decoded together (and texts per embedding batch); the KV "
+        "cache holds 256 tokens per sequence, at least one context window.",
+    )
     max_concurrent_requests: int = Field(
         64, ge=1, description="Requests admitted at once; more get HTTP 429."
     )

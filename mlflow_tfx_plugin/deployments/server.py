@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -164,7 +165,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if state.served is None:
             status = "failed" if state.load_error else "loading"
             return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
-        return JSONResponse({"status": "ready", "model": state.name, "task": state.served.task})
+        ready = {"status": "ready", "model": state.name, "task": state.served.task}
+        return JSONResponse({**ready, "pid": os.getpid()})
 
     @app.get("/metrics", dependencies=auth)
     async def metrics() -> Response:
@@ -553,10 +555,23 @@ def serve(
     )
     _SERVER["uvicorn"] = server
     _logger.info("Serving %s from %s on http://%s:%d", name, model_dir, config.host, config.port)
-    server.run()
+    server.run(sockets=[_listening_socket(config.host, config.port)])
     if not server.started and _EXIT_CODE["code"] == 0:
         return 1  # could not bind the port; uvicorn logged why
     return _EXIT_CODE["code"]
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound with SO_REUSEPORT, so that an updated deployment's new server can
+    listen on the same port while the old one drains: the URL never changes."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:
