@@ -11,7 +11,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from mlflow_tfx_plugin.deployments import client as tfx_client
-from mlflow_tfx_plugin.deployments import target_help
+from mlflow_tfx_plugin.deployments import payloads, target_help
 from mlflow_tfx_plugin.deployments.config import (
     API_KEY_ENV,
     DeploymentConfig,
@@ -164,13 +164,13 @@ CONVERSIONS = [
     ("body", "expected"), [case[1:] for case in CONVERSIONS], ids=[c[0] for c in CONVERSIONS]
 )
 def test_dataframe_from_cli_becomes_requests(body: Any, expected: list[dict[str, Any]]):
-    assert tfx_client.requests_from_inputs(_cli_frame(body)) == expected
+    assert payloads.requests_from_inputs(_cli_frame(body)) == expected
 
 
 def test_dict_and_list_inputs_pass_through():
     body = {"messages": CHAT, "stop": ["\n"]}
-    assert tfx_client.requests_from_inputs(body) == [body]
-    assert tfx_client.requests_from_inputs([body, body]) == [body, body]
+    assert payloads.requests_from_inputs(body) == [body]
+    assert payloads.requests_from_inputs([body, body]) == [body, body]
 
 
 @pytest.mark.parametrize(
@@ -188,7 +188,7 @@ def test_dict_and_list_inputs_pass_through():
 )
 def test_bad_inputs(inputs: Any, reason: str):
     with pytest.raises(InvalidInputError):
-        tfx_client.requests_from_inputs(inputs)
+        payloads.requests_from_inputs(inputs)
 
 
 @pytest.mark.parametrize(
@@ -202,7 +202,7 @@ def test_bad_inputs(inputs: Any, reason: str):
     ],
 )
 def test_route_of(body: dict[str, Any], route: str):
-    assert tfx_client.route_of(body) == route
+    assert payloads.route_of(body) == route
 
 
 # --- target URI, names, flavors, endpoints, merged update config -----------------------------

@@ -22,7 +22,7 @@ import psutil
 import pytest
 from mlflow.exceptions import MlflowException
 
-from mlflow_tfx_plugin.deployments import TfxDeploymentClient, process
+from mlflow_tfx_plugin.deployments import TfxDeploymentClient, process, resolve
 from mlflow_tfx_plugin.deployments import client as tfx_client
 from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, parse_config
 from mlflow_tfx_plugin.deployments.state import DeploymentRecord, DeploymentStore
@@ -557,24 +557,22 @@ def test_registry_uris_resolve_to_one_pinned_version(tracking_uri: str, model_di
         registry.create_model_version("chat", str(model_dir))
     registry.set_registered_model_alias("chat", "prod", "1")
 
-    by_alias = tfx_client.resolve_model("models:/chat@prod")
-    by_version = tfx_client.resolve_model("models:/chat/1")
-    latest = tfx_client.resolve_model("models:/chat/latest")
+    by_alias = resolve.resolve_model("models:/chat@prod")
+    by_version = resolve.resolve_model("models:/chat/1")
+    latest = resolve.resolve_model("models:/chat/latest")
     assert (by_alias.resolved_model_uri, by_alias.model_version) == ("models:/chat/1", "1")
     assert by_alias.registered_model_name == "chat" and by_alias.model_uri == "models:/chat@prod"
     assert by_alias.cache_key == by_version.cache_key, "one download for alias and version"
     assert (latest.resolved_model_uri, latest.model_version) == ("models:/chat/2", "2")
     with pytest.raises(ModelNotFoundError, match="models:/chat@nope"):
-        tfx_client.resolve_model("models:/chat@nope")
+        resolve.resolve_model("models:/chat@nope")
 
 
 def test_other_uris_resolve(model_dir: Path):
-    local = tfx_client.resolve_model(str(model_dir))
+    local = resolve.resolve_model(str(model_dir))
     assert local.cache_key is None and local.resolved_model_uri == str(model_dir.resolve())
-    assert (
-        tfx_client.resolve_model(model_dir.as_uri()).resolved_model_uri == local.resolved_model_uri
-    )
-    run = tfx_client.resolve_model("runs:/0123abc/model")
+    assert resolve.resolve_model(model_dir.as_uri()).resolved_model_uri == local.resolved_model_uri
+    run = resolve.resolve_model("runs:/0123abc/model")
     assert run.run_id == "0123abc" and run.cache_key and run.cache_key.startswith("run-0123abc-")
     with pytest.raises(InvalidInputError):
-        tfx_client.resolve_model("")
+        resolve.resolve_model("")

@@ -2,46 +2,46 @@
 
 MLflow's plugin loader finds :class:`TfxDeploymentClient`, :func:`run_local` and
 :func:`target_help` in ``mlflow_tfx_plugin.deployments`` (the ``mlflow.deployments``
-entry point). Records live in :mod:`.state`, processes are handled by :mod:`.process`.
+entry point). This module runs the commands; the work lives beside it: records in
+:mod:`.state`, server processes in :mod:`.process`, model URIs in :mod:`.resolve`,
+predict inputs in :mod:`.payloads`, HTTP to the server in :mod:`.transport`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import textwrap
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import mlflow
 import requests
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
-    DEADLINE_EXCEEDED,
-    INTERNAL_ERROR,
     NOT_IMPLEMENTED,
-    PERMISSION_DENIED,
-    REQUEST_LIMIT_EXCEEDED,
     RESOURCE_ALREADY_EXISTS,
     TEMPORARILY_UNAVAILABLE,
     UNAUTHENTICATED,
 )
 
-from mlflow_tfx_plugin import _compat
 from mlflow_tfx_plugin.deployments import process
 from mlflow_tfx_plugin.deployments.config import (
     API_KEY_ENV,
     DeploymentConfig,
     parse_config,
 )
+from mlflow_tfx_plugin.deployments.payloads import (
+    CHAT_ROUTE,
+    COMPLETIONS_ROUTE,
+    requests_from_inputs,
+    route_of,
+)
 from mlflow_tfx_plugin.deployments.process import ServerProcess, say
+from mlflow_tfx_plugin.deployments.resolve import ResolvedModel, fetch_model, resolve_model
 from mlflow_tfx_plugin.deployments.state import (
     STATE_DIR_ENV,
     DeploymentRecord,
@@ -49,314 +49,13 @@ from mlflow_tfx_plugin.deployments.state import (
     utc_now,
     validate_name,
 )
+from mlflow_tfx_plugin.deployments.transport import UnreachableError, iter_sse_chunks, post_json
 from mlflow_tfx_plugin.errors import InvalidInputError, ModelNotFoundError, TfxError
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 FLAVOR = "tfx"
 SWITCH_GRACE_SECONDS = 1.0
 """After an update switches the record, the old server keeps serving this long before SIGTERM,
 so that clients which read the old URL just before the switch still reach it."""
-
-CHAT_ROUTE = "/v1/chat/completions"
-COMPLETIONS_ROUTE = "/v1/completions"
-EMBEDDINGS_ROUTE = "/v1/embeddings"
-INVOCATIONS_ROUTE = "/invocations"
-_OPENAI_KEYS = {"messages": CHAT_ROUTE, "prompt": COMPLETIONS_ROUTE, "input": EMBEDDINGS_ROUTE}
-_INVOCATION_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
-
-
-# --- model resolution and download ---------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class ResolvedModel:
-    """A model URI pinned to what it pointed at when the deployment was made."""
-
-    model_uri: str
-    resolved_model_uri: str
-    cache_key: str | None = None  # None: a local directory used in place
-    registered_model_name: str | None = None
-    model_version: str | None = None
-    model_id: str | None = None
-    run_id: str | None = None
-
-
-def resolve_model(model_uri: str) -> ResolvedModel:
-    """Pin ``model_uri``: registry aliases, stages and ``latest`` become a version number.
-
-    Raises:
-        InvalidInputError: an empty URI.
-        ModelNotFoundError: a registry URI that names no version, a missing local path.
-    """
-    if not isinstance(model_uri, str) or not model_uri.strip():
-        raise InvalidInputError(f"A model URI is required, got {model_uri!r}.", param="model_uri")
-    scheme = urllib.parse.urlparse(model_uri).scheme
-    if scheme == "models":
-        return _resolve_registry_uri(model_uri)
-    if scheme == "runs":
-        parts = urllib.parse.urlparse(model_uri).path.strip("/").split("/")
-        key = _cache_key(f"run-{parts[0]}", mlflow.get_tracking_uri(), model_uri)
-        return ResolvedModel(
-            model_uri=model_uri, resolved_model_uri=model_uri, cache_key=key, run_id=parts[0]
-        )
-    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
-        path = Path(urllib.parse.urlparse(model_uri).path if scheme == "file" else model_uri)
-        if not path.expanduser().is_dir():
-            raise ModelNotFoundError(f"Model directory {str(path)!r} does not exist.")
-        local = str(path.expanduser().resolve())
-        return ResolvedModel(model_uri=model_uri, resolved_model_uri=local)
-    key = _cache_key(scheme, "", model_uri)
-    return ResolvedModel(model_uri=model_uri, resolved_model_uri=model_uri, cache_key=key)
-
-
-def _resolve_registry_uri(model_uri: str) -> ResolvedModel:
-    client = mlflow.MlflowClient()
-    try:
-        ident = _compat.get_model_name_and_version(client, model_uri)
-        if len(ident) == 1:
-            logged = client.get_logged_model(ident[0])
-            key = _cache_key(ident[0], mlflow.get_tracking_uri(), ident[0])
-            return ResolvedModel(
-                model_uri=model_uri,
-                resolved_model_uri=f"models:/{ident[0]}",
-                cache_key=key,
-                model_id=ident[0],
-                run_id=logged.source_run_id,
-            )
-        name, version = ident
-        mv = client.get_model_version(name, version)
-    except MlflowException as err:
-        raise ModelNotFoundError(
-            f"Cannot resolve model URI {model_uri!r}: {err.message} "
-            "Check the name, version or alias with `mlflow models` / the MLflow UI, and that "
-            "MLFLOW_TRACKING_URI points at the right server."
-        ) from err
-    if mv.model_id:
-        key = _cache_key(f"{name}-v{version}", mlflow.get_tracking_uri(), mv.model_id)
-    else:
-        key = _cache_key(f"{name}-v{version}", mlflow.get_registry_uri(), str(mv.source))
-    return ResolvedModel(
-        model_uri=model_uri,
-        resolved_model_uri=f"models:/{name}/{version}",
-        cache_key=key,
-        registered_model_name=name,
-        model_version=str(version),
-        model_id=mv.model_id,
-        run_id=mv.run_id,
-    )
-
-
-def _cache_key(label: str, store_uri: str, identity: str) -> str:
-    digest = hashlib.sha256(f"{store_uri}\n{identity}".encode()).hexdigest()[:16]
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._-")[:40] or "model"
-    return f"{slug}-{digest}"
-
-
-def fetch_model(store: DeploymentStore, resolved: ResolvedModel) -> Path:
-    """The local directory of ``resolved``: downloaded once into the store's model cache.
-
-    Raises:
-        InvalidInputError: the directory holds no MLflow model of the ``tfx`` flavor.
-    """
-    if resolved.cache_key is None:
-        model_dir = Path(resolved.resolved_model_uri)
-    else:
-
-        def download(tmp: Path) -> Path:
-            say(f"Downloading model {resolved.resolved_model_uri}...")
-            uri = resolved.resolved_model_uri
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
-
-        try:
-            model_dir, fresh = store.cached_model(resolved.cache_key, download)
-        except MlflowException as err:
-            if isinstance(err, TfxError):
-                raise
-            raise ModelNotFoundError(
-                f"Cannot download model {resolved.resolved_model_uri!r}: {err.message}"
-            ) from err
-        if not fresh:
-            say(f"Using cached model {model_dir}")
-    _check_mlmodel(model_dir, resolved.model_uri)
-    return model_dir
-
-
-def _check_mlmodel(model_dir: Path, model_uri: str) -> None:
-    if not (model_dir / "MLmodel").is_file():
-        raise InvalidInputError(
-            f"{model_uri!r} is not an MLflow model (no MLmodel file in {model_dir}).",
-            param="model_uri",
-        )
-    flavors = mlflow.models.Model.load(str(model_dir)).flavors
-    if FLAVOR not in flavors and "transformers" not in flavors:
-        raise InvalidInputError(
-            f"Model {model_uri!r} has flavors {sorted(flavors)}; the tfx target serves models "
-            "logged with mlflow_tfx_plugin (flavor 'tfx') or mlflow.transformers.",
-            param="model_uri",
-        )
-
-
-# --- prediction inputs ---------------------------------------------------------------------
-
-
-def requests_from_inputs(inputs: Any) -> list[dict[str, Any]]:
-    """Request bodies for ``predict``: one per dict, or from a DataFrame (see below).
-
-    A DataFrame is what ``mlflow deployments predict --input-path`` reads with
-    ``pd.read_json``:
-
-    * a chat body ``{"messages": [...], "max_tokens": 5}`` arrives with one message per row
-      and the other keys repeated: it becomes that one chat request again;
-    * rows that differ only in ``prompt`` (or ``input``) become one request with a list;
-    * other rows holding ``messages``/``prompt``/``input`` are one request each;
-    * a single ``inputs``/``instances``/``dataframe_records``/``dataframe_split`` column is
-      sent as that /invocations payload; any other DataFrame as ``dataframe_split``.
-
-    Raises:
-        InvalidInputError: empty input, an unsupported type, or chat rows that disagree.
-    """
-    if isinstance(inputs, Mapping):
-        return [dict(inputs)]
-    if isinstance(inputs, list) and inputs and all(isinstance(i, Mapping) for i in inputs):
-        return [dict(item) for item in inputs]
-    if type(inputs).__name__ == "DataFrame" and hasattr(inputs, "to_json"):
-        return _requests_from_dataframe(inputs)
-    raise InvalidInputError(
-        "predict takes a request body (dict), a list of them, or a pandas DataFrame; "
-        f"got {type(inputs).__name__}.",
-        param="inputs",
-    )
-
-
-def _requests_from_dataframe(df: pd.DataFrame) -> list[dict[str, Any]]:
-    if df.empty:
-        raise InvalidInputError("The input DataFrame is empty.", param="inputs")
-    columns = [str(column) for column in df.columns]
-    if len(columns) == 1 and columns[0] in _INVOCATION_KEYS:
-        return [{columns[0]: _column_payload(df)}]
-    rows = [
-        {key: value for key, value in row.items() if value is not None}
-        for row in json.loads(df.to_json(orient="records"))
-    ]
-    if "messages" in columns and all(isinstance(r.get("messages"), dict) for r in rows):
-        return [_merge_rows(rows, "messages")]
-    for key in ("prompt", "input"):
-        if key in columns and len(rows) > 1 and _differ_only_in(rows, key):
-            return [_merge_rows(rows, key)]
-    if any(key in columns for key in _OPENAI_KEYS):
-        return rows
-    return [{"dataframe_split": json.loads(df.to_json(orient="split", index=False))}]
-
-
-def _column_payload(df: pd.DataFrame) -> Any:
-    import pandas as pd
-
-    series = df.iloc[:, 0]
-    if isinstance(df.index, pd.RangeIndex):
-        return json.loads(series.to_json(orient="values"))
-    return json.loads(series.to_json(orient="index"))
-
-
-def _differ_only_in(rows: list[dict[str, Any]], key: str) -> bool:
-    if not all(isinstance(row.get(key), str) for row in rows):
-        return False
-    others = [{k: v for k, v in row.items() if k != key} for row in rows]
-    return all(other == others[0] for other in others)
-
-
-def _merge_rows(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """Fold rows that pandas exploded out of one body back into that body."""
-    body: dict[str, Any] = {key: [row.get(key) for row in rows]}
-    for row in rows:
-        for other, value in row.items():
-            if other == key:
-                continue
-            if other in body and body[other] != value:
-                raise InvalidInputError(
-                    f"The rows of the input disagree on {other!r} ({body[other]!r} vs "
-                    f"{value!r}). Write the input file as a JSON list of request bodies, or "
-                    "call predict() with a dict.",
-                    param=other,
-                )
-            body[other] = value
-    return body
-
-
-def route_of(body: Mapping[str, Any]) -> str:
-    """The server route for a request body: chat, completions, embeddings or /invocations."""
-    for key, route in _OPENAI_KEYS.items():
-        if key in body:
-            return route
-    return INVOCATIONS_ROUTE
-
-
-# --- HTTP ----------------------------------------------------------------------------------
-
-
-class _UnreachableError(Exception):
-    pass
-
-
-_STATUS_ERRORS = {
-    401: UNAUTHENTICATED,
-    403: PERMISSION_DENIED,
-    429: REQUEST_LIMIT_EXCEEDED,
-    503: TEMPORARILY_UNAVAILABLE,
-    504: DEADLINE_EXCEEDED,
-}
-
-
-def _post(
-    url: str, body: Mapping[str, Any], *, api_key: str | None, timeout: float, stream: bool
-) -> requests.Response:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        response = requests.post(
-            url, json=dict(body), headers=headers, timeout=(10, timeout), stream=stream
-        )
-    except requests.ConnectionError as err:
-        raise _UnreachableError(str(err)) from err
-    except requests.Timeout as err:
-        raise TfxError(
-            f"No answer from {url} within {timeout:.0f} s.", error_code=DEADLINE_EXCEEDED
-        ) from err
-    if response.status_code >= 400:
-        raise _http_error(response, url)
-    return response
-
-
-def _http_error(response: requests.Response, url: str) -> MlflowException:
-    """One place mapping the server's HTTP errors (OpenAI error JSON) to exceptions."""
-    status = response.status_code
-    try:
-        error = response.json().get("error") or {}
-        message, param = str(error.get("message") or response.text), error.get("param")
-    except (ValueError, AttributeError):
-        message, param = response.text[:500], None
-    text = f"{url} answered HTTP {status}: {message}"
-    if status == 401:
-        text += f" Set ${API_KEY_ENV} to the deployment's API key."
-    if status in (400, 404, 413, 422):
-        return InvalidInputError(text, param=param)
-    return TfxError(text, error_code=_STATUS_ERRORS.get(status, INTERNAL_ERROR))
-
-
-def _sse_chunks(response: requests.Response) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a ``text/event-stream`` body, up to ``data: [DONE]``."""
-    with response:
-        for line in response.iter_lines(decode_unicode=True):
-            if not line or not line.startswith("data:"):
-                continue
-            data = line[len("data:") :].strip()
-            if data == "[DONE]":
-                return
-            chunk = json.loads(data)
-            if isinstance(chunk, dict) and "error" in chunk:
-                error = chunk["error"] or {}
-                raise TfxError(f"The stream failed: {error.get('message', error)}")
-            yield chunk
 
 
 # --- the client ----------------------------------------------------------------------------
@@ -561,7 +260,7 @@ class TfxDeploymentClient(BaseDeploymentClient):
                 param="inputs",
             )
         response = self._request(name, {**bodies[0], "stream": True}, stream=True)
-        return _sse_chunks(response)
+        return iter_sse_chunks(response)
 
     def explain(
         self, deployment_name: str | None = None, df: Any = None, endpoint: str | None = None
@@ -634,9 +333,13 @@ class TfxDeploymentClient(BaseDeploymentClient):
             )
         timeout = float(record.config.get("timeout") or 60.0) + 30.0
         route = route_of(body)
+
+        def send(url: str) -> requests.Response:
+            return post_json(url + route, body, api_key=api_key, timeout=timeout, stream=stream)
+
         try:
-            return _post(record.url + route, body, api_key=api_key, timeout=timeout, stream=stream)
-        except _UnreachableError as err:
+            return send(record.url)
+        except UnreachableError as err:
             current = self._running_record(name)  # an update may have moved it
             if current.url == record.url:
                 raise TfxError(
@@ -644,7 +347,7 @@ class TfxDeploymentClient(BaseDeploymentClient):
                     f"See log {record.log_path}.",
                     error_code=TEMPORARILY_UNAVAILABLE,
                 ) from None
-            return _post(current.url + route, body, api_key=api_key, timeout=timeout, stream=stream)
+            return send(current.url)
 
 
 # --- shared steps --------------------------------------------------------------------------
@@ -708,26 +411,44 @@ def _resolved_of(record: DeploymentRecord) -> ResolvedModel:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class _ServerPlan:
+    """How to start a server: its command line, environment, port and client URL."""
+
+    command: list[str]
+    env: dict[str, str]
+    port: int
+    url: str
+
+
+def _plan_server(name: str, model_dir: Path, cfg: DeploymentConfig) -> _ServerPlan:
+    """Pick the port (checking a fixed one is free) and build the server's command."""
+    port = cfg.port or process.free_port(cfg.host)
+    if cfg.port:
+        process.check_port_free(cfg.host, port)
+    return _ServerPlan(
+        command=process.server_command(model_dir, name, {**cfg.server_arguments(), "port": port}),
+        env=process.server_environment(cfg.api_key_value(), API_KEY_ENV),
+        port=port,
+        url=f"http://{process.client_host(cfg.host)}:{port}",
+    )
+
+
 def _launch(
     store: DeploymentStore, name: str, model_dir: Path, cfg: DeploymentConfig
 ) -> tuple[ServerProcess, str]:
     """Start a detached server for ``model_dir`` and wait for its ``/health``."""
-    port = cfg.port or process.free_port(cfg.host)
-    if cfg.port:
-        process.check_port_free(cfg.host, port)
-    command = process.server_command(model_dir, name, {**cfg.server_arguments(), "port": port})
-    env = process.server_environment(cfg.api_key_value(), API_KEY_ENV)
+    plan = _plan_server(name, model_dir, cfg)
     log_path = store.new_log_path(name)
-    say(f"Starting server for {name!r} on {cfg.host}:{port} (log: {log_path})")
-    server = process.start_detached(command, env, log_path)
-    url = f"http://{process.client_host(cfg.host)}:{port}"
+    say(f"Starting server for {name!r} on {cfg.host}:{plan.port} (log: {log_path})")
+    server = process.start_detached(plan.command, plan.env, log_path)
     try:
-        process.wait_until_healthy(server, url, timeout=process.startup_timeout())
+        process.wait_until_healthy(server, plan.url, timeout=process.startup_timeout())
     except BaseException:
         process.stop(server.pid, server.create_time, grace=5)
         raise
-    say(f"Ready at {url}")
-    return server, url
+    say(f"Ready at {plan.url}")
+    return server, plan.url
 
 
 def _new_record(
@@ -777,14 +498,9 @@ def run_local(
     cfg = parse_config(config)
     store = DeploymentStore()
     model_dir = fetch_model(store, resolve_model(model_uri))
-    port = cfg.port or process.free_port(cfg.host)
-    if cfg.port:
-        process.check_port_free(cfg.host, port)
-    command = process.server_command(model_dir, name, {**cfg.server_arguments(), "port": port})
-    env = process.server_environment(cfg.api_key_value(), API_KEY_ENV)
-    url = f"http://{process.client_host(cfg.host)}:{port}"
-    say(f"Serving {name!r} at {url} in the foreground; Ctrl-C stops it.")
-    code = process.run_foreground(command, env, url)
+    plan = _plan_server(name, model_dir, cfg)
+    say(f"Serving {name!r} at {plan.url} in the foreground; Ctrl-C stops it.")
+    code = process.run_foreground(plan.command, plan.env, plan.url)
     if code != 0:
         raise TfxError(f"The server for {name!r} exited with code {code}; see its log above.")
     say("Server stopped.")
