@@ -99,11 +99,11 @@ def parse_config(
         return DeploymentConfig(**values)
     except ValidationError as err:
         first = err.errors()[0]
-        key = str(first["loc"][0]) if first["loc"] else None
+        key = str(first["loc"][0]) if first["loc"] else ""
         raise InvalidInputError(
             f"Invalid config value for {key!r}: {first['msg']} "
             f"(got {values.get(key)!r}). See `mlflow deployments help -t tfx`.",
-            param=key,
+            param=key or None,
         ) from None
 
 
