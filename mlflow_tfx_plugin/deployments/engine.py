@@ -30,6 +30,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from mlflow_tfx_plugin.errors import InvalidInputError, TfxError
 from mlflow_tfx_plugin.generation import (
     Completion,
+    FinishReason,
     PromptResult,
     StreamDelta,
     TextGenerator,
@@ -361,7 +362,7 @@ class ContinuousBatchingEngine:
                     stopped = hit_stop or (
                         not params.ignore_eos and bool(tokens) and tokens[-1] in self._eos_ids
                     )
-                    reason = "stop" if stopped else "length"
+                    reason: FinishReason = "stop" if stopped else "length"
                     yield StreamDelta("", reason, len(input_ids), len(tokens))
                     return
 
