@@ -116,6 +116,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self._on_batch = on_batch or (lambda size: None)
         self._pending: asyncio.Queue[tuple[ItemT, asyncio.Future[ResultT]]] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -123,10 +124,12 @@ class MicroBatcher(Generic[ItemT, ResultT]):
 
     async def submit(self, item: ItemT) -> ResultT:
         """Queue ``item`` and wait for its result."""
-        if self._pending is None:
+        loop = asyncio.get_running_loop()
+        if self._pending is None or self._loop is not loop:  # first use, or a new event loop
+            self._loop = loop
             self._pending = asyncio.Queue()
             self._worker = asyncio.create_task(self._work())
-        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[ResultT] = loop.create_future()
         await self._pending.put((item, future))
         return await future
 
@@ -142,7 +145,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     batch.append(await asyncio.wait_for(self._pending.get(), timeout))
                 except TimeoutError:
                     break
-            live = [(item, future) for item, future in batch if not future.cancelled()]
+            live = [(item, future) for item, future in batch if not future.done()]
             if live:
                 await self._run(loop, live)
 

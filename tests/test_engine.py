@@ -1,0 +1,185 @@
+"""The deployment server's batching engines, in-process on a tiny Llama.
+
+Both engines must answer exactly what the flavor's :class:`TextGenerator` answers for
+the same request (greedy), whatever else runs in the same batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from mlflow_tfx_plugin.deployments.engine import (
+    ContinuousBatchingEngine,
+    EngineSettings,
+    MicroBatcher,
+    MicroBatchingEngine,
+    create_generation_engine,
+    kv_cache_blocks,
+)
+from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.generation import TextGenerator
+from mlflow_tfx_plugin.protocol import GenerationParams
+
+PROMPTS = ["Hello there", "Once upon a time", "The capital of France", "x"]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_llama_dir: Path) -> TextGenerator:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval()
+    return TextGenerator(model, AutoTokenizer.from_pretrained(str(tiny_llama_dir)))
+
+
+@pytest.fixture(scope="module", params=["continuous", "micro"])
+def engine(request: pytest.FixtureRequest, generator: TextGenerator):
+    sizes: list[int] = []
+    settings = EngineSettings(max_batch_size=4, max_tokens_limit=50, on_batch=sizes.append)
+    built = create_generation_engine(generator, settings, continuous=request.param == "continuous")
+    expected = ContinuousBatchingEngine if request.param == "continuous" else MicroBatchingEngine
+    assert isinstance(built, expected)
+    built.batch_sizes = sizes  # type: ignore[attr-defined]
+    yield built
+    built.close()
+
+
+def _reference(generator: TextGenerator, prompt: str, params: GenerationParams):
+    return generator.generate([prompt], params)[0]
+
+
+def test_concurrent_greedy_requests_match_generate(engine, generator: TextGenerator):
+    params = GenerationParams(max_tokens=12, temperature=0)
+
+    async def run():
+        return await asyncio.gather(
+            *(engine.generate(p, params, add_special_tokens=True) for p in PROMPTS)
+        )
+
+    results = asyncio.run(run())
+
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        assert result == _reference(generator, prompt, params)
+    assert max(engine.batch_sizes) > 1, "concurrent requests shared a batch"
+
+
+def test_stop_strings_and_streaming_match_generate(engine, generator: TextGenerator):
+    full = _reference(generator, PROMPTS[0], GenerationParams(max_tokens=16, temperature=0))
+    text = full.completions[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    params = GenerationParams(max_tokens=16, temperature=0, stop=(stop,))
+
+    async def run():
+        deltas = [d async for d in engine.stream(PROMPTS[0], params, add_special_tokens=True)]
+        result = await engine.generate(PROMPTS[0], params, add_special_tokens=True)
+        return deltas, result
+
+    deltas, result = asyncio.run(run())
+
+    assert "".join(d.text for d in deltas) == text[: text.index(stop)]
+    assert [d.finish_reason for d in deltas if d.finish_reason] == ["stop"]
+    assert result.completions[0].text == text[: text.index(stop)]
+
+
+def test_n_choices_and_ignore_eos(engine):
+    async def run():
+        greedy = await engine.generate(
+            "Hello", GenerationParams(max_tokens=6, temperature=0, n=3), add_special_tokens=True
+        )
+        forced = await engine.generate(
+            "Hello",
+            GenerationParams(max_tokens=20, temperature=0, ignore_eos=True),
+            add_special_tokens=True,
+        )
+        sampled = await engine.generate(
+            "Hello", GenerationParams(max_tokens=6, temperature=1.0, n=2), add_special_tokens=True
+        )
+        return greedy, forced, sampled
+
+    greedy, forced, sampled = asyncio.run(run())
+
+    assert len({c.text for c in greedy.completions}) == 1 and len(greedy.completions) == 3
+    assert forced.completions[0].completion_tokens == 20
+    assert forced.completions[0].finish_reason == "length"
+    assert len(sampled.completions) == 2
+
+
+def test_limits_are_input_errors(engine):
+    async def run(params: GenerationParams, prompt: str = "Hello"):
+        return await engine.generate(prompt, params, add_special_tokens=True)
+
+    with pytest.raises(InvalidInputError, match="limit of 50") as caught:
+        asyncio.run(run(GenerationParams(max_tokens=51)))
+    assert caught.value.param == "max_tokens"
+    with pytest.raises(InvalidInputError, match="context window"):
+        asyncio.run(run(GenerationParams(max_tokens=5), prompt="word " * 500))
+
+
+def test_closing_a_stream_early_cancels_its_generation(engine):
+    params = GenerationParams(max_tokens=50, temperature=0, ignore_eos=True)
+
+    async def run():
+        stream = engine.stream("Hello", params, add_special_tokens=True)
+        async for _ in stream:
+            break
+        await stream.aclose()
+        return await engine.generate(
+            "Hello", GenerationParams(max_tokens=2, temperature=0), add_special_tokens=True
+        )
+
+    result = asyncio.run(run())
+    assert result.completions[0].completion_tokens <= 2
+    assert engine.queue_depth == 0
+
+
+def test_micro_batcher_batches_concurrent_items_and_isolates_failures():
+    batches: list[list[int]] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        batches.append(items)
+        if -1 in items:
+            raise ValueError("bad item")
+        return [item * 10 for item in items]
+
+    async def run():
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(run_batch, max_batch_size=3, executor=executor, window_s=0.05)
+            good = await asyncio.gather(*(batcher.submit(i) for i in range(5)))
+            bad = await asyncio.gather(batcher.submit(-1), return_exceptions=True)
+            after = await batcher.submit(7)
+            batcher.close()
+            return good, bad, after
+
+    good, bad, after = asyncio.run(run())
+
+    assert good == [0, 10, 20, 30, 40]
+    assert max(len(batch) for batch in batches) == 3
+    assert isinstance(bad[0], ValueError)
+    assert after == 70
+
+
+def test_kv_cache_is_sized_from_batch_size_not_memory():
+    assert kv_cache_blocks(16, 8192) == 8192 // 32  # at least one context window
+    assert kv_cache_blocks(64, 2048) == 64 * 256 // 32
+    assert kv_cache_blocks(1, 128) == 4
+
+
+def test_exclusive_pauses_the_generation_loop(generator: TextGenerator):
+    engine = ContinuousBatchingEngine(generator, EngineSettings(max_batch_size=2))
+    try:
+        inside = threading.Event()
+        with engine.exclusive():
+            inside.set()
+        assert inside.is_set()
+        result = asyncio.run(
+            engine.generate(
+                "Hi", GenerationParams(max_tokens=3, temperature=0), add_special_tokens=True
+            )
+        )
+        assert result.completions[0].completion_tokens <= 3
+    finally:
+        engine.close()
