@@ -35,7 +35,7 @@ VALID = [
     ({"torch_dtype": "torch.bfloat16"}, {"torch_dtype": "bfloat16"}),
     ({"torch_dtype": "auto"}, {"torch_dtype": "auto"}),
     ({"device": "cpu"}, {"device": "cpu"}),
-    ({"host": "0.0.0.0"}, {"host": "0.0.0.0"}),
+    ({"host": "0.0.0.0", "api_key": "k"}, {"host": "0.0.0.0"}),
     ({"max_batch_size": 8}, {"max_batch_size": 8}),  # already typed (Python callers)
 ]
 
@@ -273,3 +273,14 @@ def test_update_of_keyed_deployment_needs_the_key(monkeypatch: pytest.MonkeyPatc
         tfx_client._merged_config(_record(old), {})
     monkeypatch.setenv(API_KEY_ENV, "k")
     assert tfx_client._merged_config(_record(old), {}).api_key_value() == "k"
+
+
+def test_exposed_host_requires_an_api_key():
+    from mlflow_tfx_plugin.deployments.config import parse_config
+
+    with pytest.raises(InvalidInputError, match="api_key") as caught:
+        parse_config({"host": "0.0.0.0"}, environ={})
+    assert caught.value.param == "host"
+    assert parse_config({"host": "0.0.0.0", "api_key": "k"}).host == "0.0.0.0"
+    assert parse_config({"host": "0.0.0.0"}, environ={"MLFLOW_TFX_API_KEY": "k"}).api_key
+    assert parse_config({"host": "localhost"}, environ={}).api_key is None

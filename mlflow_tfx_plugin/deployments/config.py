@@ -6,6 +6,7 @@ converts them, and rejects unknown keys with the list of valid ones.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +26,9 @@ class DeploymentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field("127.0.0.1", description="Interface to bind. Use 0.0.0.0 with an api_key.")
+    host: str = Field(
+        "127.0.0.1", description="Interface to bind; a non-loopback one requires an api_key."
+    )
     port: int | None = Field(
         None, ge=0, le=65535, description="TCP port; default: a free port chosen at create time."
     )
@@ -96,7 +99,7 @@ def parse_config(
     if values.get("api_key") is None and environ.get(API_KEY_ENV):
         values["api_key"] = environ[API_KEY_ENV]
     try:
-        return DeploymentConfig(**values)
+        parsed = DeploymentConfig(**values)
     except ValidationError as err:
         first = err.errors()[0]
         key = str(first["loc"][0]) if first["loc"] else ""
@@ -105,6 +108,27 @@ def parse_config(
             f"(got {values.get(key)!r}). See `mlflow deployments help -t tfx`.",
             param=key or None,
         ) from None
+    _require_key_when_exposed(parsed)
+    return parsed
+
+
+def _require_key_when_exposed(config: DeploymentConfig) -> None:
+    """A server reachable from other machines must not answer anyone who asks."""
+    if config.api_key is None and not _is_loopback(config.host):
+        raise InvalidInputError(
+            f"host={config.host} exposes the model beyond this machine, so it needs an API "
+            f"key: add -C api_key=... or set ${API_KEY_ENV}.",
+            param="host",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
 
 
 def _blank_to_none(value: Any) -> Any:
