@@ -89,8 +89,9 @@ def iter_sse_chunks(response: requests.Response) -> Iterator[dict[str, Any]]:
         TfxError: the server sent an error frame mid-stream.
     """
     with response:
-        for line in response.iter_lines(decode_unicode=True):
-            if not line or not line.startswith("data:"):
+        for raw in response.iter_lines():
+            line = raw.decode("utf-8", errors="replace")  # SSE is always UTF-8
+            if not line.startswith("data:"):
                 continue
             data = line[len("data:") :].strip()
             if data == "[DONE]":
