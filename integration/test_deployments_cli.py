@@ -169,15 +169,18 @@ def test_create_list_get_predict_update_delete(
     chunks = list(client.predict_stream("chat", CHAT_BODY))
     assert chunks and chunks[0]["object"] == "chat.completion.chunk"
 
-    # update while a client keeps sending requests: none may fail
-    outcomes = _keep_predicting(client, lambda: _cli(
-        env, "update", "-t", "tfx", "--name", "chat", "-m", "models:/chat/2"
-    ))  # fmt: skip
-    assert outcomes["failures"] == [] and outcomes["successes"] > 0
+    # update while a client keeps sending requests to the original URL: none may fail
+    update = ("update", "-t", "tfx", "--name", "chat", "-m", "models:/chat/2")
+    outcomes = _keep_requesting(first["url"], lambda: _cli(env, *update))
+    assert outcomes["failures"] == [], outcomes
+    assert outcomes["successes"] > 0 and len(outcomes["pids"]) == 2, outcomes
     second = _get(env, "chat")
     assert (second["status"], second["model_version"]) == ("running", "2")
-    assert second["url"] != first["url"] and "'max_batch_size': 4" in second["config"]
-    assert not psutil.pid_exists(int(first["pid"])) or not _same_process(first)
+    assert second["url"] == first["url"] and second["pid"] != first["pid"]
+    assert "'max_batch_size': 4" in second["config"]
+    assert not _same_process(first)
+    health = requests.get(f"{first['url']}/health", timeout=5).json()
+    assert health["pid"] == int(second["pid"])
 
     _cli(env, "delete", "-t", "tfx", "--name", "chat")
     assert not _same_process(second)
@@ -186,24 +189,38 @@ def test_create_list_get_predict_update_delete(
     assert gone.returncode != 0 and "No tfx deployment named 'chat'" in gone.stderr
 
 
-def _keep_predicting(client: TfxDeploymentClient, action: Any) -> dict[str, Any]:
-    """Run ``action`` while a thread predicts in a loop; count successes and failures."""
-    outcomes: dict[str, Any] = {"successes": 0, "failures": []}
+def _keep_requesting(url: str, action: Any) -> dict[str, Any]:
+    """Run ``action`` while a thread POSTs chat requests to ``url``, one every 20 ms.
+
+    Each request opens a new connection (plain ``requests.post``), as a fresh client would.
+    Counts the 200s, collects every other outcome, and the server pids seen in ``/health``
+    polled on the same URL.
+    """
+    outcomes: dict[str, Any] = {"successes": 0, "failures": [], "pids": set()}
     done = threading.Event()
 
     def loop() -> None:
         while not done.is_set():
             try:
-                client.predict("chat", CHAT_BODY)
-                outcomes["successes"] += 1
-            except Exception as err:  # every failure is a test failure
+                reply = requests.post(f"{url}/v1/chat/completions", json=CHAT_BODY, timeout=60)
+                health = requests.get(f"{url}/health", timeout=60)
+            except requests.RequestException as err:  # every failure is a test failure
                 outcomes["failures"].append(repr(err))
+                continue
+            for response in (reply, health):
+                if response.status_code != 200:
+                    outcomes["failures"].append(f"HTTP {response.status_code}: {response.text}")
+            if reply.status_code == 200 == health.status_code:
+                outcomes["successes"] += 1
+                outcomes["pids"].add(health.json()["pid"])
+            time.sleep(0.02)
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
+        time.sleep(0.5)  # requests before the update too
         action()
-        time.sleep(1)  # requests after the switch too
+        time.sleep(1)  # and after it
     finally:
         done.set()
         thread.join(120)

@@ -1,7 +1,8 @@
 """Deployment records on disk and the process lifecycle, against a stand-in server script.
 
-The stand-in speaks the server contract (``/health``, bearer auth, SSE ending in ``[DONE]``,
-SIGTERM exits 0) in a few lines of ``http.server``, so these tests need no model.
+The stand-in speaks the server contract (``/health`` with its pid, bearer auth, SSE ending in
+``[DONE]``, a port shared with ``SO_REUSEPORT``, SIGTERM exits 0) in a few lines of
+``http.server``, so these tests need no model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import mlflow
 import psutil
 import pytest
+import requests
 from mlflow.exceptions import MlflowException
 
 from mlflow_tfx_plugin.deployments import TfxDeploymentClient, process, resolve
@@ -65,7 +67,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != "/health":
             return self._json(404, error("no route", None, 404))
         ok = time.time() >= ready_at
-        self._json(200 if ok else 503, {"status": "ready" if ok else "loading"})
+        state = {"status": "ready" if ok else "loading", "pid": os.getpid()}
+        self._json(200 if ok else 503, state)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -86,7 +89,11 @@ class Handler(BaseHTTPRequestHandler):
                          "config": config, "argv_has_key": argv_has_key})
 
 
-server = ThreadingHTTPServer((config["host"], config["port"]), Handler)
+class Server(ThreadingHTTPServer):
+    allow_reuse_port = not os.environ.get("STANDIN_EXCLUSIVE_PORT")
+
+
+server = Server((config["host"], config["port"]), Handler)
 signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=server.shutdown).start())
 server.serve_forever()
 print("stand-in stopped", flush=True)
@@ -445,14 +452,7 @@ def test_startup_timeout_kills_the_server(
 ):
     monkeypatch.setenv("STANDIN_DELAY", "60")
     monkeypatch.setenv(process.STARTUP_TIMEOUT_ENV, "1")
-    spawned: list[process.ServerProcess] = []
-    real_start = process.start_detached
-
-    def start(*args: Any) -> process.ServerProcess:
-        spawned.append(real_start(*args))
-        return spawned[-1]
-
-    monkeypatch.setattr(process, "start_detached", start)
+    spawned = _remember_spawned(monkeypatch)
     with pytest.raises(TfxError, match="not ready within 1 s") as info:
         client.create_deployment("chat", str(model_dir))
     assert "stand-in starting" in info.value.message
@@ -475,35 +475,102 @@ def test_killed_server_is_dead_then_cleaned_up(client: TfxDeploymentClient, mode
     assert client.list_deployments() == []
 
 
-def test_update_switches_then_stops_the_old_server(client: TfxDeploymentClient, model_dir: Path):
+def test_update_keeps_the_url_and_stops_the_old_server(
+    client: TfxDeploymentClient, model_dir: Path
+):
     old = client.create_deployment("chat", str(model_dir), config={"timeout": "5"})
     new = client.update_deployment("chat", config={"max_batch_size": "2"})
-    assert new["port"] != old["port"] and new["pid"] != old["pid"]
+    assert (new["url"], new["port"]) == (old["url"], old["port"]) and new["pid"] != old["pid"]
     assert new["config"]["timeout"] == 5.0 and new["config"]["max_batch_size"] == 2
+    assert new["config"]["port"] is None  # still "a free port chosen at create time"
     assert new["created_at"] == old["created_at"]
     assert not process.is_running(old["pid"], old["pid_create_time"])
+    assert not Path(old["log_path"]).exists()
     assert client.predict("chat", {"prompt": "a"})["config"]["max_batch_size"] == 2
+
+
+def test_update_on_the_same_fixed_port_keeps_serving_there(
+    client: TfxDeploymentClient, model_dir: Path
+):
+    port = process.free_port()
+    old = client.create_deployment("chat", str(model_dir), config={"port": str(port)})
+    new = client.update_deployment("chat", config={"port": str(port), "timeout": "7"})
+    assert (new["url"], new["port"]) == (old["url"], port) and new["pid"] != old["pid"]
+    assert not process.is_running(old["pid"], old["pid_create_time"])
+    answer = client.predict("chat", {"prompt": "a"})
+    assert (answer["pid"], answer["config"]["timeout"]) == (new["pid"], 7.0)
+
+
+def test_update_waits_for_the_new_server_not_the_old_one(
+    client: TfxDeploymentClient, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    old = client.create_deployment("chat", str(model_dir))
+    monkeypatch.setenv("STANDIN_DELAY", "1.5")  # the old server answers /health meanwhile
+    new = client.update_deployment("chat", config={"timeout": "7"})
+    health = requests.get(f"{old['url']}/health", timeout=5)
+    assert (health.status_code, health.json()["pid"]) == (200, new["pid"])
+    assert not process.is_running(old["pid"], old["pid_create_time"])
+
+
+def test_update_to_another_port_moves_the_deployment(client: TfxDeploymentClient, model_dir: Path):
+    old = client.create_deployment("chat", str(model_dir))
+    port = process.free_port()
+    new = client.update_deployment("chat", config={"port": str(port)})
+    assert new["url"] == f"http://127.0.0.1:{port}" != old["url"]
+    assert not process.is_running(old["pid"], old["pid_create_time"])
+    assert client.predict("chat", {"prompt": "a"})["pid"] == new["pid"]
 
 
 def test_failed_update_keeps_the_old_server(
     client: TfxDeploymentClient, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
     old = client.create_deployment("chat", str(model_dir))
+    spawned = _remember_spawned(monkeypatch)
     monkeypatch.setenv("STANDIN_FAIL", "1")
     with pytest.raises(TfxError, match="boom"):
         client.update_deployment("chat", config={"max_batch_size": "2"})
     assert client.get_deployment("chat") == old
     assert client.predict("chat", {"prompt": "a"})["pid"] == old["pid"]
+    assert not process.is_running(spawned[0].pid, spawned[0].create_time)
 
 
-def test_update_on_the_same_fixed_port_restarts_in_place(
-    client: TfxDeploymentClient, model_dir: Path
+def test_update_that_times_out_kills_the_new_server_only(
+    client: TfxDeploymentClient, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    port = process.free_port()
-    old = client.create_deployment("chat", str(model_dir), config={"port": str(port)})
-    new = client.update_deployment("chat", config={"timeout": "7"})
-    assert new["port"] == port and new["pid"] != old["pid"]
-    assert client.predict("chat", {"prompt": "a"})["config"]["timeout"] == 7.0
+    old = client.create_deployment("chat", str(model_dir))
+    spawned = _remember_spawned(monkeypatch)
+    monkeypatch.setenv("STANDIN_DELAY", "60")
+    monkeypatch.setenv(process.STARTUP_TIMEOUT_ENV, "1")
+    with pytest.raises(TfxError, match="not ready within 1 s"):
+        client.update_deployment("chat", config={"timeout": "7"})
+    assert not process.is_running(spawned[0].pid, spawned[0].create_time)
+    assert client.get_deployment("chat") == old
+    assert client.predict("chat", {"prompt": "a"})["pid"] == old["pid"]
+
+
+def test_update_beside_a_server_that_does_not_share_its_port(
+    client: TfxDeploymentClient, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("STANDIN_EXCLUSIVE_PORT", "1")  # as servers before SO_REUSEPORT
+    old = client.create_deployment("chat", str(model_dir))
+    monkeypatch.delenv("STANDIN_EXCLUSIVE_PORT")
+    with pytest.raises(InvalidInputError, match=r"beside the running server.*-C port=") as info:
+        client.update_deployment("chat", config={"timeout": "7"})
+    assert info.value.param == "port"
+    assert client.get_deployment("chat") == old
+
+
+def _remember_spawned(monkeypatch: pytest.MonkeyPatch) -> list[process.ServerProcess]:
+    """Servers started from now on, in order."""
+    spawned: list[process.ServerProcess] = []
+    real_start = process.start_detached
+
+    def start(*args: Any) -> process.ServerProcess:
+        spawned.append(real_start(*args))
+        return spawned[-1]
+
+    monkeypatch.setattr(process, "start_detached", start)
+    return spawned
 
 
 def test_update_of_unknown_deployment(client: TfxDeploymentClient):

@@ -1,16 +1,16 @@
 """The ``tfx`` deployment target: one local OpenAI-compatible server process per deployment.
 
 MLflow's plugin loader finds :class:`TfxDeploymentClient`, :func:`run_local` and
-:func:`target_help` in ``mlflow_tfx_plugin.deployments`` (the ``mlflow.deployments``
+:func:`~.usage.target_help` in ``mlflow_tfx_plugin.deployments`` (the ``mlflow.deployments``
 entry point). This module runs the commands; the work lives beside it: records in
 :mod:`.state`, server processes in :mod:`.process`, model URIs in :mod:`.resolve`,
-predict inputs in :mod:`.payloads`, HTTP to the server in :mod:`.transport`.
+predict inputs in :mod:`.payloads`, HTTP to the server in :mod:`.transport`, the help
+text in :mod:`.usage`.
 """
 
 from __future__ import annotations
 
 import os
-import textwrap
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -20,7 +20,6 @@ from typing import Any
 
 import requests
 from mlflow.deployments import BaseDeploymentClient, PredictionsResponse
-from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
     NOT_IMPLEMENTED,
     RESOURCE_ALREADY_EXISTS,
@@ -43,7 +42,6 @@ from mlflow_tfx_plugin.deployments.payloads import (
 from mlflow_tfx_plugin.deployments.process import ServerProcess, say
 from mlflow_tfx_plugin.deployments.resolve import ResolvedModel, fetch_model, resolve_model
 from mlflow_tfx_plugin.deployments.state import (
-    STATE_DIR_ENV,
     DeploymentRecord,
     DeploymentStore,
     utc_now,
@@ -54,8 +52,9 @@ from mlflow_tfx_plugin.errors import InvalidInputError, ModelNotFoundError, TfxE
 
 FLAVOR = "tfx"
 SWITCH_GRACE_SECONDS = 1.0
-"""After an update switches the record, the old server keeps serving this long before SIGTERM,
-so that clients which read the old URL just before the switch still reach it."""
+"""After an update that moves a deployment to another address switches the record, the old
+server keeps serving this long before SIGTERM, so that clients which read the old URL just
+before the switch still reach it."""
 
 
 # --- the client ----------------------------------------------------------------------------
@@ -130,12 +129,14 @@ class TfxDeploymentClient(BaseDeploymentClient):
     ) -> dict[str, Any]:
         """Replace the model and/or config (merged over the old config) of ``name``.
 
-        The new server starts beside the old one, on a new port; once its ``/health``
-        answers, the record switches to it and the old server is stopped, so requests keep
-        succeeding. With a fixed ``port`` equal to the running one, both cannot listen at
-        once: the old server is stopped first (requests fail until the new one is ready),
-        and restarted if the new one fails. If the new server fails, the old one keeps
-        serving and the record is unchanged.
+        The URL stays the same: the new server starts on the running one's host and port
+        (both listen at once with ``SO_REUSEPORT``, the kernel spreads new connections over
+        them). Once the new server itself answers ``/health`` (its pid in the answer), the
+        record switches to it and the old server is stopped gracefully: it stops accepting,
+        finishes its in-flight requests, and is killed only after
+        :data:`~.process.STOP_GRACE_SECONDS`. With ``-C host=...`` or ``-C port=...`` naming
+        another address, the new server starts there instead. If the new server fails, it
+        is stopped, the old one keeps serving and the record is unchanged.
 
         Raises:
             ModelNotFoundError: no deployment ``name``.
@@ -152,22 +153,19 @@ class TfxDeploymentClient(BaseDeploymentClient):
             else:
                 resolved, model_dir = _resolved_of(old), Path(old.local_model_dir)
             old_alive = self._is_running(old)
-            in_place = bool(old_alive and cfg.port and cfg.port == old.port)
-            if in_place:
-                say(f"Port {old.port} is fixed: stopping the old server first (downtime).")
-                process.stop(old.pid, old.pid_create_time)
-            try:
-                server, url = _launch(self.store, name, model_dir, cfg)
-            except BaseException:
-                if in_place:
-                    self._restart(old)
-                raise
+            shared_port = _shared_port(old, cfg) if old_alive else None
+            server, url = _launch(self.store, name, model_dir, cfg, shared_port=shared_port)
             new = _new_record(name, resolved, model_dir, cfg, server, url)
             new = replace(new, created_at=old.created_at)
-            self.store.write(new)
-            if old_alive and not in_place:
-                time.sleep(SWITCH_GRACE_SECONDS)
-                say(f"Stopping the old server (pid {old.pid})...")
+            try:
+                self.store.write(new)
+            except BaseException:
+                process.stop(server.pid, server.create_time, grace=5)
+                raise
+            if old_alive:
+                if url != old.url:
+                    time.sleep(SWITCH_GRACE_SECONDS)
+                say(f"Stopping the old server (pid {old.pid}); it finishes in-flight requests...")
                 process.stop(old.pid, old.pid_create_time)
             Path(old.log_path).unlink(missing_ok=True)
         return self._describe(new)
@@ -295,24 +293,6 @@ class TfxDeploymentClient(BaseDeploymentClient):
         status = "running" if self._is_running(record) else "dead"
         return {**record.to_dict(), "status": status, "flavor": FLAVOR}
 
-    def _restart(self, old: DeploymentRecord) -> None:
-        """Best effort after a failed in-place update: bring the old server back."""
-        try:
-            cfg = _merged_config(old, {})
-            server, _ = _launch(self.store, old.name, Path(old.local_model_dir), cfg)
-        except (MlflowException, OSError) as err:
-            say(f"Could not restart the old server: {err}")
-            return
-        self.store.write(
-            replace(
-                old,
-                pid=server.pid,
-                pid_create_time=server.create_time,
-                log_path=str(server.log_path),
-            )
-        )
-        Path(old.log_path).unlink(missing_ok=True)
-
     def _running_record(self, name: str) -> DeploymentRecord:
         record = self._require(name)
         if not self._is_running(record):
@@ -421,11 +401,27 @@ class _ServerPlan:
     url: str
 
 
-def _plan_server(name: str, model_dir: Path, cfg: DeploymentConfig) -> _ServerPlan:
-    """Pick the port (checking a fixed one is free) and build the server's command."""
-    port = cfg.port or process.free_port(cfg.host)
-    if cfg.port:
-        process.check_port_free(cfg.host, port)
+def _shared_port(old: DeploymentRecord, cfg: DeploymentConfig) -> int | None:
+    """The running server's port if the updated config keeps its address, else ``None``."""
+    same_port = not cfg.port or cfg.port == old.port
+    return old.port if cfg.host == old.host and same_port else None
+
+
+def _plan_server(
+    name: str, model_dir: Path, cfg: DeploymentConfig, *, shared_port: int | None = None
+) -> _ServerPlan:
+    """Pick the port and build the server's command.
+
+    A fixed port must be free; ``shared_port`` (a running server's, for an update) must
+    accept a second listener with ``SO_REUSEPORT``.
+    """
+    if shared_port:
+        port = shared_port
+        process.check_port_free(cfg.host, port, shared=True)
+    else:
+        port = cfg.port or process.free_port(cfg.host)
+        if cfg.port:
+            process.check_port_free(cfg.host, port)
     return _ServerPlan(
         command=process.server_command(model_dir, name, {**cfg.server_arguments(), "port": port}),
         env=process.server_environment(cfg.api_key_value(), API_KEY_ENV),
@@ -435,12 +431,22 @@ def _plan_server(name: str, model_dir: Path, cfg: DeploymentConfig) -> _ServerPl
 
 
 def _launch(
-    store: DeploymentStore, name: str, model_dir: Path, cfg: DeploymentConfig
+    store: DeploymentStore,
+    name: str,
+    model_dir: Path,
+    cfg: DeploymentConfig,
+    *,
+    shared_port: int | None = None,
 ) -> tuple[ServerProcess, str]:
-    """Start a detached server for ``model_dir`` and wait for its ``/health``."""
-    plan = _plan_server(name, model_dir, cfg)
+    """Start a detached server for ``model_dir`` and wait until it answers ``/health``.
+
+    On a ``shared_port`` another server answers too; only an answer with the new
+    server's pid counts. A server that fails to start is stopped before this raises.
+    """
+    plan = _plan_server(name, model_dir, cfg, shared_port=shared_port)
     log_path = store.new_log_path(name)
-    say(f"Starting server for {name!r} on {cfg.host}:{plan.port} (log: {log_path})")
+    beside = " beside the running server" if shared_port else ""
+    say(f"Starting server for {name!r} on {cfg.host}:{plan.port}{beside} (log: {log_path})")
     server = process.start_detached(plan.command, plan.env, log_path)
     try:
         process.wait_until_healthy(server, plan.url, timeout=process.startup_timeout())
@@ -504,94 +510,3 @@ def run_local(
     if code != 0:
         raise TfxError(f"The server for {name!r} exited with code {code}; see its log above.")
     say("Server stopped.")
-
-
-def target_help() -> str:
-    """The text of ``mlflow deployments help -t tfx``; config docs come from the code."""
-    fields = DeploymentConfig.model_fields
-    width = max(len(key) for key in fields) + 4
-    options = "\n".join(
-        textwrap.fill(
-            f"{key:<{width - 2}}{_field_text(info.description, info.default)}",
-            width=92,
-            initial_indent="  ",
-            subsequent_indent=" " * width,
-        )
-        for key, info in fields.items()
-    )
-    return _HELP.format(
-        options=options,
-        api_key_env=API_KEY_ENV,
-        state_env=STATE_DIR_ENV,
-        startup_env=process.STARTUP_TIMEOUT_ENV,
-    )
-
-
-def _field_text(description: str | None, default: Any) -> str:
-    text = (description or "").strip()
-    if "default" in text.lower():
-        return text
-    return f"{text} (default: {'none' if default is None else default})"
-
-
-_HELP = """\
-The tfx target serves MLflow models of the tfx flavor (Hugging Face transformers) with an
-OpenAI-compatible HTTP server: one local process per deployment, with the routes
-/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /invocations and /health.
-
-Target URI
-  tfx          records under ${state_env} (default ~/.mlflow-tfx/deployments)
-  tfx:/PATH    records under PATH
-  The state directory holds one JSON record per deployment, the server logs (logs/) and the
-  downloaded models (models/). It never holds an API key.
-
-Model URI (-m)
-  runs:/RUN_ID/PATH, models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest,
-  models:/m-MODEL_ID, or a local model directory. Aliases, stages and 'latest' are resolved
-  to a version once, at create/update time, and recorded (see `get`). A resolved model is
-  downloaded once and reused.
-
-Config options (-C key=value; create, update and run-local)
-{options}
-
-Environment
-  {api_key_env}  the API key. Read by create/update/run-local when -C api_key is not
-                      given (the key reaches the server only through its environment), and
-                      by predict, which sends it as 'Authorization: Bearer KEY'.
-  {state_env}  the state directory (see Target URI).
-  {startup_env}  seconds to wait for a new server to load its model and answer
-                      /health (default 600). 'timeout' above is the per-request limit.
-
-Commands
-  mlflow deployments create -t tfx --name chat -m models:/chat@prod -C max_batch_size=4
-      Starts the server in the background and returns when /health answers. Fails if a
-      running deployment 'chat' exists; a dead one is replaced.
-  mlflow deployments list -t tfx
-  mlflow deployments get -t tfx --name chat
-      status is 'running' or 'dead' (the server process exited).
-  mlflow deployments predict -t tfx --name chat --input-path body.json
-      body.json holds an OpenAI request: {{"messages": [...], "max_tokens": 16}} (chat),
-      {{"prompt": ["..."]}} (completions), {{"input": ["..."]}} (embeddings); anything else
-      goes to /invocations like `mlflow models serve` input. A JSON list of bodies sends one
-      request each and prints {{"predictions": [...]}} (bodies that differ only in "prompt"
-      or "input" are sent as one request with a list). Use a list also when a body has
-      list-valued options such as "stop", which the CLI's pandas reader cannot take.
-      The CLI cannot stream; from Python, predict_stream() yields the chunks.
-  mlflow deployments update -t tfx --name chat -m models:/chat/2 [-C key=value ...]
-      Starts the new server, switches the record to it once healthy, then stops the old
-      one: no downtime, but the URL (port) changes; `predict` follows it. Config merges over
-      the old one. With a fixed port equal to the running one, the old server is stopped
-      first (downtime). If the new server fails, the old one keeps serving.
-  mlflow deployments delete -t tfx --name chat
-      SIGTERM (in-flight requests finish), SIGKILL after 30 s; removes record and log.
-  mlflow deployments run-local -t tfx --name chat -m models:/chat/1 -C port=8080
-      Serves in the foreground until Ctrl-C; nothing is recorded.
-  explain is not supported; use predict.
-
-From Python
-  from mlflow.deployments import get_deploy_client
-  client = get_deploy_client("tfx")
-  client.predict("chat", {{"messages": [{{"role": "user", "content": "Hi"}}]}})
-  for chunk in client.predict_stream("chat", {{"messages": [...]}}):
-      print(chunk["choices"][0]["delta"].get("content", ""), end="")
-"""

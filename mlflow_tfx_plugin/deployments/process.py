@@ -95,8 +95,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, *, shared: bool = False) -> None:
     """Raise a clear error if ``port`` at ``host`` cannot be bound now.
+
+    Args:
+        host: the interface the server binds.
+        port: the port it binds.
+        shared: bind as the server does, with ``SO_REUSEPORT``: a port where a server of
+            ours listens (one that set ``SO_REUSEPORT`` too) counts as free.
 
     Raises:
         InvalidInputError: the port is taken (or the address is not local).
@@ -106,9 +112,19 @@ def check_port_free(host: str, port: int) -> None:
         # As servers do (uvicorn too): a port whose old connections linger in TIME_WAIT is
         # free; one that something listens on is not.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((host, port))
         except OSError as err:
+            if shared:
+                raise InvalidInputError(
+                    f"Cannot listen on {host}:{port} beside the running server ({err.strerror}); "
+                    "a server started by an older version of the plugin does not share its "
+                    "port. Pass -C port=... to move to another port, or delete and create "
+                    "the deployment again.",
+                    param="port",
+                ) from err
             raise InvalidInputError(
                 f"Cannot listen on {host}:{port} ({err.strerror}). Choose another -C port=..., "
                 "or leave port out to get a free one.",
@@ -214,7 +230,10 @@ def log_tail(log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def wait_until_healthy(server: ServerProcess, url: str, *, timeout: float) -> None:
-    """Poll ``url/health`` until it answers 200; kill the server if it dies or times out.
+    """Poll ``url/health`` until ``server`` answers 200; kill it if it dies or times out.
+
+    The answer must carry ``server``'s pid: during an update the old server listens on
+    the same port and answers too.
 
     Raises:
         TfxError: the server exited or was not ready within ``timeout`` seconds; the
@@ -225,7 +244,7 @@ def wait_until_healthy(server: ServerProcess, url: str, *, timeout: float) -> No
     while time.monotonic() < deadline:
         if not is_running(server.pid, server.create_time):
             raise _startup_error(server, "exited before it was ready")
-        if _health_ok(url):
+        if _health_ok(url, server.pid):
             return
         time.sleep(0.25)
     stop(server.pid, server.create_time, grace=5)
@@ -235,11 +254,14 @@ def wait_until_healthy(server: ServerProcess, url: str, *, timeout: float) -> No
     )
 
 
-def _health_ok(url: str) -> bool:
+def _health_ok(url: str, pid: int) -> bool:
+    """Whether ``url/health`` answers 200 from the process ``pid`` (the body names it)."""
     try:
-        return requests.get(f"{url}/health", timeout=2).status_code == 200
-    except requests.RequestException:
+        response = requests.get(f"{url}/health", timeout=2)
+        body = response.json() if response.status_code == 200 else None
+    except (requests.RequestException, ValueError):
         return False
+    return isinstance(body, dict) and body.get("pid") == pid
 
 
 def _startup_error(server: ServerProcess, what: str) -> TfxError:
@@ -298,7 +320,7 @@ def run_foreground(command: list[str], env: Mapping[str, str], url: str) -> int:
     try:
         ready = False
         while proc.poll() is None:
-            if not ready and not stop_requested and _health_ok(url):
+            if not ready and not stop_requested and _health_ok(url, proc.pid):
                 ready = True
                 say(f"Ready at {url}")
             if stop_requested and time.monotonic() - stop_requested[0] > STOP_GRACE_SECONDS:
