@@ -119,7 +119,7 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TfxDeplo
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
 
-    def command(model_dir: Any, name: str, arguments: Any) -> list[str]:
+    def command(model_dir: Any, name: str, arguments: Any, listen_after_load: bool = False):
         argv = ["--model-dir", str(model_dir), "--name", name]
         return [sys.executable, str(script), *argv, "--config-json", json.dumps(arguments)]
 

@@ -423,7 +423,12 @@ def _plan_server(
         if cfg.port:
             process.check_port_free(cfg.host, port)
     return _ServerPlan(
-        command=process.server_command(model_dir, name, {**cfg.server_arguments(), "port": port}),
+        command=process.server_command(
+            model_dir,
+            name,
+            {**cfg.server_arguments(), "port": port},
+            listen_after_load=shared_port is not None,
+        ),
         env=process.server_environment(cfg.api_key_value(), API_KEY_ENV),
         port=port,
         url=f"http://{process.client_host(cfg.host)}:{port}",

@@ -62,9 +62,19 @@ def startup_timeout() -> float:
     return value
 
 
-def server_command(model_dir: str | Path, name: str, arguments: Mapping[str, Any]) -> list[str]:
-    """The server's command line; ``arguments`` is ``config.server_arguments()`` (no key)."""
-    return [
+def server_command(
+    model_dir: str | Path,
+    name: str,
+    arguments: Mapping[str, Any],
+    *,
+    listen_after_load: bool = False,
+) -> list[str]:
+    """The server's command line; ``arguments`` is ``config.server_arguments()`` (no key).
+
+    ``listen_after_load`` is for a server sharing its port with the one it replaces: it
+    must not take connections (and answer 503) while it loads.
+    """
+    command = [
         sys.executable,
         "-m",
         SERVER_MODULE,
@@ -75,6 +85,7 @@ def server_command(model_dir: str | Path, name: str, arguments: Mapping[str, Any
         "--config-json",
         json.dumps(dict(arguments)),
     ]
+    return [*command, "--listen-after-load"] if listen_after_load else command
 
 
 def server_environment(api_key: str | None, api_key_env: str) -> dict[str, str]:

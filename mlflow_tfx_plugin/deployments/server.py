@@ -100,8 +100,11 @@ def create_app(
     model_dir: Path | None = None,
     served: ServedModel | None = None,
     api_key: str | None = None,
+    listen_after_load: bool = False,
 ) -> FastAPI:
-    """The server app. It loads ``model_dir`` in the background, or serves ``served``."""
+    """The server app over ``served``, or over ``model_dir`` loaded in the background
+    (``/health`` answers 503 until it is ready) or, with ``listen_after_load``, before
+    the app accepts any request."""
     state = ServerState(name=name, config=config, api_key=api_key)
     state.metrics.watch_queue(lambda: state.served.queue_depth if state.served else 0)
 
@@ -110,8 +113,14 @@ def create_app(
         loader = None
         if served is not None:
             state.served = served
+        elif model_dir is not None and listen_after_load:
+            # uvicorn listens once this returns: a server sharing its port with the one it
+            # replaces (an update) must not take connections before it can answer them.
+            await _load(state, model_dir)
+            if state.served is None:
+                raise RuntimeError(f"The model could not be loaded: {state.load_error}")
         elif model_dir is not None:
-            loader = asyncio.create_task(_load(state, model_dir))
+            loader = asyncio.create_task(_load(state, model_dir))  # /health says 503 meanwhile
         yield
         if loader is not None:
             loader.cancel()
@@ -535,14 +544,21 @@ _EXIT_CODE: dict[str, int] = {"code": 0}
 
 
 def serve(
-    name: str, model_dir: Path, config: DeploymentConfig, *, api_key: str | None = None
+    name: str,
+    model_dir: Path,
+    config: DeploymentConfig,
+    *,
+    api_key: str | None = None,
+    listen_after_load: bool = False,
 ) -> int:
     """Serve in the foreground until SIGINT/SIGTERM; returns the process exit code."""
     import uvicorn
 
     if config.port is None:
         raise InvalidInputError("The server needs a port.", param="port")
-    app = create_app(name, config, model_dir=model_dir, api_key=api_key)
+    app = create_app(
+        name, config, model_dir=model_dir, api_key=api_key, listen_after_load=listen_after_load
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -579,12 +595,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--config-json", default="{}")
+    parser.add_argument(
+        "--listen-after-load",
+        action="store_true",
+        help="accept connections only once the model is ready (when sharing a port)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = DeploymentConfig(**json.loads(args.config_json))
-    return serve(args.name, args.model_dir, config, api_key=os.environ.get(API_KEY_ENV) or None)
+    api_key = os.environ.get(API_KEY_ENV) or None
+    return serve(
+        args.name, args.model_dir, config, api_key=api_key, listen_after_load=args.listen_after_load
+    )
 
 
 if __name__ == "__main__":
