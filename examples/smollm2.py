@@ -43,7 +43,12 @@ def ensure_smollm2_checkpoint(cache_dir: Path = DEFAULT_CACHE) -> Path:
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         source.parent, dtype=torch.float32, **kwargs
     )
-    model = transformers.LlamaForCausalLM(loaded.config)
+    config = loaded.config
+    # The weights are dequantized here: a leftover GGUF quantization_config would make
+    # stock `save_pretrained` refuse the model ("not serializable").
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     # A private partial directory, renamed into place: concurrent first runs (parallel CI
