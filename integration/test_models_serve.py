@@ -59,7 +59,9 @@ def served_chat_url(
 def _serve(model_path: Path) -> Iterator[str]:
     """``mlflow models serve`` on 127.0.0.1 for the duration of the block."""
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # mlflow models serve execs a bare `uvicorn`: the interpreter's bin dir must be on PATH
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_path)]
     cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
