@@ -277,23 +277,28 @@ def _release_task(state: ServerState) -> Any:
 async def _chat(state: ServerState, body: dict[str, Any]) -> Response:
     served = _model_for(state, body)
     request = served.parse_chat(body)
-    if request.stream:
-        return await _stream(
-            state, "/v1/chat/completions", served.chat_stream(request), request.include_usage
-        )
-    response = await _with_timeout(state, served.chat_completion(request))
-    _count_tokens(state, response)
-    return JSONResponse(response)
+    route = "/v1/chat/completions"
+    return await _generate(state, route, request, served.chat_stream, served.chat_completion)
 
 
 async def _completions(state: ServerState, body: dict[str, Any]) -> Response:
     served = _model_for(state, body)
     request = served.parse_completion(body)
+    route = "/v1/completions"
+    return await _generate(state, route, request, served.completion_stream, served.completion)
+
+
+async def _generate(
+    state: ServerState,
+    route: str,
+    request: Any,
+    stream: Callable[[Any], AsyncGenerator[BaseModel, None]],
+    complete: Callable[[Any], Awaitable[dict[str, Any]]],
+) -> Response:
+    """A streamed or a whole answer to a validated chat or completions request."""
     if request.stream:
-        return await _stream(
-            state, "/v1/completions", served.completion_stream(request), request.include_usage
-        )
-    response = await _with_timeout(state, served.completion(request))
+        return await _stream(state, route, stream(request), request.include_usage)
+    response = await _with_timeout(state, complete(request))
     _count_tokens(state, response)
     return JSONResponse(response)
 
