@@ -183,3 +183,24 @@ def test_exclusive_pauses_the_generation_loop(generator: TextGenerator):
         assert result.completions[0].completion_tokens <= 3
     finally:
         engine.close()
+
+
+def test_a_dead_generation_loop_fails_requests_and_health(generator: TextGenerator):
+    from mlflow_tfx_plugin.deployments.engine import EngineError
+
+    engine = ContinuousBatchingEngine(generator, EngineSettings(max_batch_size=2))
+    params = GenerationParams(max_tokens=100, temperature=0, ignore_eos=True)
+
+    async def run():
+        # Stands in for a fatal error inside transformers' loop: the loop thread is gone.
+        await asyncio.to_thread(engine._manager.stop, block=True, timeout=10)
+        return await asyncio.wait_for(
+            engine.generate("Hi", params, add_special_tokens=True), timeout=30
+        )
+
+    try:
+        with pytest.raises(EngineError):
+            asyncio.run(run())
+        assert not engine.healthy
+    finally:
+        engine.close()

@@ -87,6 +87,9 @@ class GenerationEngine(Protocol):
         ...
 
     @property
+    def healthy(self) -> bool: ...
+
+    @property
     def queue_depth(self) -> int: ...
 
 
@@ -207,6 +210,10 @@ class MicroBatchingEngine:
     @property
     def queue_depth(self) -> int:
         return self._batcher.queue_depth
+
+    @property
+    def healthy(self) -> bool:
+        return True  # each batch runs on its own; a failure fails only its requests
 
     async def generate(
         self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
@@ -388,9 +395,11 @@ class ContinuousBatchingEngine:
                 **_sampling_kwargs(params, self._vocab_size),
             )
             if accepted is None:
-                raise EngineError("The generation loop is not accepting requests (shutting down).")
+                raise EngineError("The generation loop is not accepting requests.")
             while True:
                 output = await outputs.get()
+                if isinstance(output, EngineError):
+                    raise output
                 if output.error:
                     raise EngineError(f"Generation failed: {output.error}")
                 finished = output.is_finished()
@@ -403,11 +412,18 @@ class ContinuousBatchingEngine:
             if not finished:
                 self._manager.cancel_request(request_id)
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the generation loop is still running (it stops on a fatal error)."""
+        return bool(self._manager.is_running())
+
     def _dispatch(self) -> None:
         """Route outputs from the manager's queue to the waiting requests (own thread)."""
         while not self._stopping.is_set():
             output = self._manager.get_result(timeout=0.1)
             if output is None:
+                if not self.healthy and not self._stopping.is_set():
+                    self._fail_waiting(EngineError("The generation loop stopped; see the log."))
                 continue
             step = [output]
             while (more := self._manager.get_result(timeout=0)) is not None:
@@ -419,6 +435,12 @@ class ContinuousBatchingEngine:
                 if sink is not None:
                     loop, queue = sink
                     loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def _fail_waiting(self, error: EngineError) -> None:
+        with self._sinks_lock:
+            sinks = list(self._sinks.values())
+        for loop, queue in sinks:
+            loop.call_soon_threadsafe(queue.put_nowait, error)
 
     def _encode(self, prompt: str, add_special_tokens: bool) -> list[int]:
         input_ids = self.generator.tokenizer(prompt, add_special_tokens=add_special_tokens)[

@@ -174,6 +174,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if state.served is None:
             status = "failed" if state.load_error else "loading"
             return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+        if not state.served.healthy:
+            failed = {"status": "failed", "error": "the generation loop stopped; see the log"}
+            return JSONResponse(failed, status_code=503)
         ready = {"status": "ready", "model": state.name, "task": state.served.task}
         return JSONResponse({**ready, "pid": os.getpid()})
 

@@ -100,6 +100,11 @@ class ServedModel:
         return [route for route, adapter in served if adapter is not None]
 
     @property
+    def healthy(self) -> bool:
+        """False once the generation loop has died: the server must be restarted."""
+        return self.engine.healthy if self.engine is not None else True
+
+    @property
     def queue_depth(self) -> int:
         depth = self.engine.queue_depth if self.engine else 0
         return depth + (self._embedder.queue_depth if self._embedder else 0)
