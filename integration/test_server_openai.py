@@ -436,3 +436,24 @@ def test_embeddings_match_sentence_transformers(tmp_path: Path):
         np.linalg.norm(vectors, axis=1) * np.linalg.norm(expected, axis=1)
     )
     assert cosine.min() > 0.9999
+
+
+def test_greedy_batch_decoding_serves_greedy_and_sampled_requests(
+    chat_model: Path, tmp_path: Path, reference
+):
+    with serve(chat_model, tmp_path / "log", batch_decoding="greedy") as server:
+        client = server.client()
+        greedy = client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=8, temperature=0
+        )
+        streamed = client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=8, temperature=0, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        sampled = client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=8, temperature=0.9, n=2
+        )
+
+    assert greedy.choices[0].message.content == _reference_text(reference, max_tokens=8)
+    assert text == greedy.choices[0].message.content
+    assert len(sampled.choices) == 2

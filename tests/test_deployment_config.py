@@ -37,6 +37,8 @@ VALID = [
     ({"device": "cpu"}, {"device": "cpu"}),
     ({"host": "0.0.0.0", "api_key": "k"}, {"host": "0.0.0.0"}),
     ({"max_batch_size": 8}, {"max_batch_size": 8}),  # already typed (Python callers)
+    ({"batch_decoding": "greedy"}, {"batch_decoding": "greedy"}),
+    ({}, {"batch_decoding": "auto"}),
 ]
 
 INVALID = [
@@ -51,6 +53,7 @@ INVALID = [
     ({"timeout": "soon"}, "timeout", "not a number"),
     ({"torch_dtype": "float8"}, "torch_dtype", "unknown dtype"),
     ({"max_concurrent_requests": "0"}, "max_concurrent_requests", "below 1"),
+    ({"batch_decoding": "fast"}, "batch_decoding", "not a mode"),
 ]
 
 

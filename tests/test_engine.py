@@ -36,12 +36,18 @@ def generator(tiny_llama_dir: Path) -> TextGenerator:
     return TextGenerator(model, AutoTokenizer.from_pretrained(str(tiny_llama_dir)))
 
 
-@pytest.fixture(scope="module", params=["continuous", "micro"])
+@pytest.fixture(scope="module", params=["continuous", "continuous-greedy", "micro"])
 def engine(request: pytest.FixtureRequest, generator: TextGenerator):
     sizes: list[int] = []
-    settings = EngineSettings(max_batch_size=4, max_tokens_limit=50, on_batch=sizes.append)
-    built = create_generation_engine(generator, settings, continuous=request.param == "continuous")
-    expected = ContinuousBatchingEngine if request.param == "continuous" else MicroBatchingEngine
+    settings = EngineSettings(
+        max_batch_size=4,
+        max_tokens_limit=50,
+        on_batch=sizes.append,
+        greedy_only=request.param == "continuous-greedy",
+    )
+    continuous = request.param != "micro"
+    built = create_generation_engine(generator, settings, continuous=continuous)
+    expected = ContinuousBatchingEngine if continuous else MicroBatchingEngine
     assert isinstance(built, expected)
     built.batch_sizes = sizes  # type: ignore[attr-defined]
     yield built

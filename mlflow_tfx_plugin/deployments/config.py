@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -53,6 +53,12 @@ class DeploymentConfig(BaseModel):
         None, ge=1, description="Upper bound on max_tokens per request (default: context window)."
     )
     timeout: float = Field(60.0, gt=0, description="Seconds before a request fails with HTTP 504.")
+    batch_decoding: Literal["auto", "mixed", "greedy"] = Field(
+        "auto",
+        description="mixed: greedy and sampled requests share each batch; greedy: a faster "
+        "batch loop for greedy requests only, sampled ones run in separate small batches "
+        "beside it; auto: greedy when the model's temperature (model_config) is 0, else mixed.",
+    )
 
     @field_validator("torch_dtype")
     @classmethod

@@ -65,6 +65,10 @@ class EngineSettings:
     max_batch_size: int = 16
     max_tokens_limit: int | None = None
     on_batch: BatchObserver = field(default=lambda size: None)
+    #: A greedy-only continuous-batching loop: no per-request sampling warpers (each sorts
+    #: the vocabulary every step), so greedy requests decode faster; sampled requests go
+    #: through micro-batching, pausing the loop while they run.
+    greedy_only: bool = False
 
 
 class GenerationEngine(Protocol):
@@ -308,7 +312,7 @@ class ContinuousBatchingEngine:
     async def generate(
         self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
     ) -> PromptResult:
-        if _needs_fallback(params):
+        if self._needs_fallback(params):
             return await self._fallback.generate(
                 prompt, params, add_special_tokens=add_special_tokens
             )
@@ -327,7 +331,7 @@ class ContinuousBatchingEngine:
     ) -> AsyncGenerator[StreamDelta, None]:
         if params.n != 1:
             raise InvalidInputError("Streaming supports n=1 only.", param="n")
-        if _needs_fallback(params):
+        if self._needs_fallback(params):
             deltas = self._fallback.stream(prompt, params, add_special_tokens=add_special_tokens)
         else:
             deltas = self._deltas(prompt, params, add_special_tokens)
@@ -392,7 +396,7 @@ class ContinuousBatchingEngine:
                 max_new_tokens=max_new,
                 streaming=True,
                 eos_token_id=-1 if params.ignore_eos else sorted(self._eos_ids),
-                **_sampling_kwargs(params, self._vocab_size),
+                **self._sampling_kwargs(params),
             )
             if accepted is None:
                 raise EngineError("The generation loop is not accepting requests.")
@@ -411,6 +415,22 @@ class ContinuousBatchingEngine:
                 self._sinks.pop(request_id, None)
             if not finished:
                 self._manager.cancel_request(request_id)
+
+    def _needs_fallback(self, params: GenerationParams) -> bool:
+        """Per-request settings this manager cannot apply."""
+        unsupported = params.seed is not None or params.repetition_penalty is not None
+        return unsupported or (self.settings.greedy_only and not params.greedy)
+
+    def _sampling_kwargs(self, params: GenerationParams) -> dict[str, Any]:
+        if self.settings.greedy_only:
+            return {}
+        if params.greedy:
+            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        return {
+            "temperature": float(params.temperature),
+            "top_k": int(params.top_k or self._vocab_size),
+            "top_p": float(params.top_p),
+        }
 
     @property
     def healthy(self) -> bool:
@@ -515,21 +535,28 @@ def _start_manager(generator: TextGenerator, settings: EngineSettings) -> Any:
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     model = generator.model
-    generation_config = GenerationConfig(
-        do_sample=True,  # per-request top_k=1 makes a request greedy
-        temperature=0.7,  # non-neutral defaults make transformers create the per-request
-        top_k=50,  # warpers; every request then sets all three
-        top_p=0.95,
-        max_new_tokens=generator.default_max_tokens,
-        eos_token_id=sorted(generator.stop_token_ids) or -1,
-        pad_token_id=generator.tokenizer.pad_token_id,
-    )
+    common = {
+        "max_new_tokens": generator.default_max_tokens,
+        "eos_token_id": sorted(generator.stop_token_ids) or -1,
+        "pad_token_id": generator.tokenizer.pad_token_id,
+    }
+    sampling: dict[str, Any]
+    if settings.greedy_only:
+        sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    else:
+        sampling = {
+            "do_sample": True,  # per-request top_k=1 makes a request greedy
+            "temperature": 0.7,  # non-neutral defaults make transformers create the
+            "top_k": 50,  # per-request warpers; every request then sets all three
+            "top_p": 0.95,
+        }
+    generation_config = GenerationConfig(**sampling, **common)
     cb_config = ContinuousBatchingConfig(
         page_size=_PAGE_SIZE,
         num_blocks=kv_cache_blocks(settings.max_batch_size, generator.context_window),
         max_batch_tokens=max(2048, settings.max_batch_size * 64),
         max_requests_per_batch=settings.max_batch_size,
-        per_request_processors=True,
+        per_request_processors=not settings.greedy_only,
         auto_switch_to_flash=False,
     )
     manager = model.init_continuous_batching(
@@ -538,21 +565,6 @@ def _start_manager(generator: TextGenerator, settings: EngineSettings) -> Any:
     manager.warmup()
     manager.start()
     return manager
-
-
-def _needs_fallback(params: GenerationParams) -> bool:
-    """Per-request settings the continuous-batching manager cannot apply."""
-    return params.seed is not None or params.repetition_penalty is not None
-
-
-def _sampling_kwargs(params: GenerationParams, vocab_size: int) -> dict[str, Any]:
-    if params.greedy:
-        return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-    return {
-        "temperature": float(params.temperature),
-        "top_k": int(params.top_k or vocab_size),
-        "top_p": float(params.top_p),
-    }
 
 
 def _stable_length(text: str, stops: Sequence[str]) -> int:

@@ -141,6 +141,7 @@ async def _load(state: ServerState, model_dir: Path) -> None:
         torch_dtype=state.config.torch_dtype,
         max_batch_size=state.config.max_batch_size,
         max_tokens_limit=state.config.max_tokens_limit,
+        batch_decoding=state.config.batch_decoding,
     )
     try:
         started = time.perf_counter()

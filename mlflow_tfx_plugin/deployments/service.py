@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, aclosing, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class LoadOptions:
     max_batch_size: int = 16
     max_tokens_limit: int | None = None
     continuous_batching: bool = True
+    batch_decoding: str = "auto"
 
 
 class ServedModel:
@@ -85,6 +86,10 @@ class ServedModel:
         self.engine: GenerationEngine | None = None
         self._embedder: MicroBatcher[list[str], Any] | None = None
         if self.task in _GENERATIVE_TASKS:
+            greedy_only = options.batch_decoding == "greedy" or (
+                options.batch_decoding == "auto" and adapter.model_config.get("temperature") == 0
+            )
+            settings = replace(settings, greedy_only=greedy_only)
             self._serve_generation(settings, options.continuous_batching)
         elif self.task in _EMBEDDING_TASKS:
             self._serve_embeddings(settings)
