@@ -131,6 +131,7 @@ class Bench:
     env: dict[str, str]
     cb_num_blocks: int
     max_batch_size: int
+    batch_decoding: str = "auto"
 
     def n_requests(self, concurrency: int) -> int:
         return self.requests or max(2 * concurrency, 8)
@@ -151,6 +152,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--only", type=_sections, help="comma-separated sections to run")
     parser.add_argument("--skip", type=_sections, default=(), help="sections to leave out")
     parser.add_argument("--max-batch-size", type=int, default=16, help="tfx -C max_batch_size")
+    parser.add_argument(
+        "--batch-decoding",
+        choices=("auto", "mixed", "greedy"),
+        default="auto",
+        help="tfx -C batch_decoding",
+    )
     parser.add_argument("--cb-num-blocks", type=int, default=32, help="transformers serve CB")
     parser.add_argument(
         "--threads", type=int, help="OMP_NUM_THREADS for every server and child (default: torch's)"
@@ -324,7 +331,12 @@ def measure_levels(
 
 def bench_tfx(bench: Bench, result: ServerResult) -> None:
     uri = log_model("tfx", bench.checkpoint, bench.env)
-    config = {"max_batch_size": bench.max_batch_size, "device": "cpu", "timeout": 900}
+    config = {
+        "max_batch_size": bench.max_batch_size,
+        "batch_decoding": bench.batch_decoding,
+        "device": "cpu",
+        "timeout": 900,
+    }
     with tfx_deployment("bench", uri, config, bench.env) as (base_url, rss):
         forced = {"min_tokens": NEW_TOKENS, "ignore_eos": True}
         client = {"model": "bench", "max_tokens": NEW_TOKENS, "extra_body": forced}
@@ -680,6 +692,7 @@ def main() -> None:
         env=env,
         cb_num_blocks=args.cb_num_blocks,
         max_batch_size=args.max_batch_size,
+        batch_decoding=args.batch_decoding,
     )
     results, embeddings = [], {}
     load_before = os.getloadavg()[0]  # other work on the machine skews every number
