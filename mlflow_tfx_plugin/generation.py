@@ -125,19 +125,27 @@ class TextGenerator:
             list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
         ).to(self.model.device)
         lengths = [int(n) for n in batch["attention_mask"].sum(dim=1)]
-        window = self.context_window
         for length in lengths:
-            if length >= window:
-                raise InvalidInputError(
-                    f"The prompt has {length} tokens, but the model's context window is {window} "
-                    "tokens. Shorten the prompt.",
-                    param="messages",
-                )
+            self.check_prompt_length(length)
         return batch, lengths
 
-    def _generate_kwargs(self, params: GenerationParams, prompt_length: int) -> dict[str, Any]:
+    def check_prompt_length(self, length: int) -> None:
+        """Reject a prompt that leaves no room to generate in the context window."""
+        window = self.context_window
+        if length >= window:
+            raise InvalidInputError(
+                f"The prompt has {length} tokens, but the model's context window is {window} "
+                "tokens. Shorten the prompt.",
+                param="messages",
+            )
+
+    def max_new_tokens(self, params: GenerationParams, prompt_length: int) -> int:
+        """The request's ``max_tokens`` (or the default), capped by the context window."""
         room = self.context_window - prompt_length
-        max_new = min(params.max_tokens or self.default_max_tokens, room)
+        return min(params.max_tokens or self.default_max_tokens, room)
+
+    def _generate_kwargs(self, params: GenerationParams, prompt_length: int) -> dict[str, Any]:
+        max_new = self.max_new_tokens(params, prompt_length)
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new,
             "do_sample": not params.greedy,

@@ -466,19 +466,12 @@ class ContinuousBatchingEngine:
         input_ids = self.generator.tokenizer(prompt, add_special_tokens=add_special_tokens)[
             "input_ids"
         ]
-        window = self.generator.context_window
-        if len(input_ids) >= window:
-            raise InvalidInputError(
-                f"The prompt has {len(input_ids)} tokens, but the model's context window is "
-                f"{window} tokens. Shorten the prompt.",
-                param="messages",
-            )
+        self.generator.check_prompt_length(len(input_ids))
         return list(input_ids)
 
     def _max_new_tokens(self, params: GenerationParams, prompt_tokens: int) -> int:
         check_max_tokens(params, self.settings)
-        room = self.generator.context_window - prompt_tokens
-        return min(params.max_tokens or self.generator.default_max_tokens, room)
+        return self.generator.max_new_tokens(params, prompt_tokens)
 
     @property
     def _eos_ids(self) -> set[int]:
