@@ -85,6 +85,7 @@ class ServerState:
     load_error: str | None = None
     admitted: int = 0
     started: float = field(default_factory=time.time)
+    stop_server: Callable[[], None] = lambda: None  # set by serve(): ends uvicorn's loop
 
     def model(self) -> ServedModel:
         if self.served is None:
@@ -156,7 +157,7 @@ async def _load(state: ServerState, model_dir: Path) -> None:
     except Exception as err:
         _logger.exception("Loading the model from %s failed", model_dir)
         state.load_error = f"{type(err).__name__}: {err}"
-        _exit_process(1)
+        state.stop_server()
         return
     state.served = served
     _logger.info(
@@ -540,18 +541,6 @@ class _MetricsMiddleware:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-def _exit_process(code: int) -> None:
-    """Stop uvicorn from inside the app (the model could not be loaded)."""
-    server = _SERVER.get("uvicorn")
-    _EXIT_CODE["code"] = code
-    if server is not None:
-        server.should_exit = True
-
-
-_SERVER: dict[str, Any] = {}
-_EXIT_CODE: dict[str, int] = {"code": 0}
-
-
 def serve(
     name: str,
     model_dir: Path,
@@ -578,12 +567,12 @@ def serve(
             timeout_graceful_shutdown=int(SHUTDOWN_DEADLINE_S),
         )
     )
-    _SERVER["uvicorn"] = server
+    state: ServerState = app.state.tfx
+    state.stop_server = lambda: setattr(server, "should_exit", True)
     _logger.info("Serving %s from %s on http://%s:%d", name, model_dir, config.host, config.port)
     server.run(sockets=[_listening_socket(config.host, config.port)])
-    if not server.started and _EXIT_CODE["code"] == 0:
-        return 1  # could not bind the port; uvicorn logged why
-    return _EXIT_CODE["code"]
+    # 1 when the model failed to load, or uvicorn never started (it logged why)
+    return 1 if state.load_error or not server.started else 0
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
