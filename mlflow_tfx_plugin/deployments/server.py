@@ -196,25 +196,26 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         }
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat(request: Request) -> Response:
-        body = await read_body(request)
-        return await _admitted(state, lambda: _chat(state, body))
+    handlers = {
+        "/v1/chat/completions": _chat,
+        "/v1/completions": _completions,
+        "/v1/embeddings": _embeddings,
+        "/invocations": _invocations,
+    }
+    for path, handle in handlers.items():
+        app.add_api_route(path, _post_route(state, handle), methods=["POST"], dependencies=auth)
 
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(request: Request) -> Response:
-        body = await read_body(request)
-        return await _admitted(state, lambda: _completions(state, body))
 
-    @app.post("/v1/embeddings", dependencies=auth)
-    async def embeddings(request: Request) -> Response:
-        body = await read_body(request)
-        return await _admitted(state, lambda: _embeddings(state, body))
+def _post_route(
+    state: ServerState, handle: Callable[[ServerState, dict[str, Any]], Awaitable[Response]]
+) -> Callable[[Request], Awaitable[Response]]:
+    """A POST route: read the JSON body, then answer it in a request slot."""
 
-    @app.post("/invocations", dependencies=auth)
-    async def invocations(request: Request) -> Response:
+    async def route(request: Request) -> Response:
         body = await read_body(request)
-        return await _admitted(state, lambda: _invocations(state, body))
+        return await _admitted(state, lambda: handle(state, body))
+
+    return route
 
 
 async def read_body(request: Request) -> dict[str, Any]:
