@@ -380,15 +380,19 @@ def _merged_config(old: DeploymentRecord, update: Mapping[str, Any]) -> Deployme
     return parse_config({**base, **update})
 
 
+#: The ResolvedModel fields a deployment record keeps (not the download cache key).
+_RECORDED_MODEL_FIELDS = (
+    "model_uri",
+    "resolved_model_uri",
+    "registered_model_name",
+    "model_version",
+    "model_id",
+    "run_id",
+)
+
+
 def _resolved_of(record: DeploymentRecord) -> ResolvedModel:
-    return ResolvedModel(
-        model_uri=record.model_uri,
-        resolved_model_uri=record.resolved_model_uri,
-        registered_model_name=record.registered_model_name,
-        model_version=record.model_version,
-        model_id=record.model_id,
-        run_id=record.run_id,
-    )
+    return ResolvedModel(**{key: getattr(record, key) for key in _RECORDED_MODEL_FIELDS})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -473,12 +477,7 @@ def _new_record(
     port = int(url.rsplit(":", 1)[1])
     return DeploymentRecord(
         name=name,
-        model_uri=resolved.model_uri,
-        resolved_model_uri=resolved.resolved_model_uri,
-        registered_model_name=resolved.registered_model_name,
-        model_version=resolved.model_version,
-        model_id=resolved.model_id,
-        run_id=resolved.run_id,
+        **{key: getattr(resolved, key) for key in _RECORDED_MODEL_FIELDS},
         local_model_dir=str(model_dir),
         pid=server.pid,
         pid_create_time=server.create_time,
