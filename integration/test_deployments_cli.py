@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import requests
 import mlflow_tfx_plugin as tfx
 from mlflow_tfx_plugin.deployments import TfxDeploymentClient
 from mlflow_tfx_plugin.deployments.config import valid_keys
+from mlflow_tfx_plugin.deployments.process import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -112,12 +112,6 @@ def _get(env: dict[str, str], name: str) -> dict[str, str]:
     """``mlflow deployments get`` output (``key: value`` lines) as a dict of strings."""
     out = _cli(env, "get", "-t", "tfx", "--name", name).stdout
     return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- tests ---------------------------------------------------------------------------------
@@ -263,7 +257,7 @@ def test_killed_server_is_reported_dead_and_can_be_recreated(env: dict[str, str]
 
 
 def test_run_local_stops_cleanly_on_sigint(env: dict[str, str], state_dir: Path):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "deployments", "run-local", "-t", "tfx"]
     cmd += ["--name", "local", "-m", "models:/chat/1", "-C", f"port={port}"]
     log = state_dir / "run-local.out"

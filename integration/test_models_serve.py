@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from mlflow_tfx_plugin.deployments.process import free_port
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +53,7 @@ def served_chat_url(
 @contextlib.contextmanager
 def _serve(model_path: Path) -> Iterator[str]:
     """``mlflow models serve`` on 127.0.0.1 for the duration of the block."""
-    port = _free_port()
+    port = free_port()
     # mlflow models serve execs a bare `uvicorn`: the interpreter's bin dir must be on PATH
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path}

@@ -9,7 +9,6 @@ the client" is emulated by starting the server with ``MLFLOW_TFX_AUTO_PERSIST=fa
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import requests
 
 import mlflow_tfx_plugin as tfx
 from integration.hub_server import LocalHub, hf_client_env, patch_hf_client
+from mlflow_tfx_plugin.deployments.process import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -50,16 +50,10 @@ def client_hub(hub: LocalHub, tmp_path: Path) -> Iterator[LocalHub]:
         yield hub
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_server(
     tmp_path: Path, hub: LocalHub, *, auto_persist: bool
 ) -> tuple[subprocess.Popen[str], str]:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         **hf_client_env(hub.endpoint, tmp_path / "server-cache"),

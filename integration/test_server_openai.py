@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import pytest
 import requests
 
 import mlflow_tfx_plugin as tfx
+from mlflow_tfx_plugin.deployments.process import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -48,16 +48,10 @@ class Server:
         return requests.get(f"{self.url}/metrics", headers=headers, timeout=10).text
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(model_dir: Path, log: Path, name: str = "tiny", **config: object) -> Iterator[Server]:
     """The deployment server on a free port until the block ends (SIGTERM, then SIGKILL)."""
-    port = _free_port()
+    port = free_port()
     config = {"port": port, **config}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TFX_API_KEY": API_KEY}
     cmd = [sys.executable, "-m", "mlflow_tfx_plugin.deployments.server"]
