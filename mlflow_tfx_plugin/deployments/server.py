@@ -31,6 +31,7 @@ import pandas as pd
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, DeploymentConfig
@@ -274,9 +275,7 @@ def _release(state: ServerState) -> None:
     state.metrics.in_flight.dec()
 
 
-def _release_task(state: ServerState) -> Any:
-    from starlette.background import BackgroundTask
-
+def _release_task(state: ServerState) -> BackgroundTask:
     return BackgroundTask(_release, state)
 
 
