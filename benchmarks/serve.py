@@ -505,8 +505,9 @@ def _generate_child(checkpoint: str, levels: str, counts: str, out: str) -> None
 
 
 def bench_embeddings(bench: Bench) -> dict[str, Any]:
-    """Sentences/s: tfx /v1/embeddings (batched requests, and single-sentence requests at
-    concurrency 32) against ``SentenceTransformer.encode(batch_size=32)`` in a child."""
+    """Sentences/s of tfx /v1/embeddings against ``SentenceTransformer.encode(batch_size=32)``
+    in a child: every sentence in one request, requests of 32, and single-sentence requests
+    at concurrency 32."""
     results: dict[str, Any] = {}
     out = bench.run_dir / "st.json"
     code = "import sys, serve; serve._encode_child(*sys.argv[1:])"
@@ -543,6 +544,10 @@ def _tfx_embeddings(bench: Bench) -> dict[str, Any]:
             for i in range(0, len(EMBED_SENTENCES), EMBED_BATCH)
         ]
         modes = {
+            f"tfx /v1/embeddings, all {len(EMBED_SENTENCES)} inputs in one request": (
+                [EMBED_SENTENCES],
+                1,
+            ),
             f"tfx /v1/embeddings, {EMBED_BATCH} inputs per request, sequential": (batches, 1),
             f"tfx /v1/embeddings, 1 input per request, concurrency {EMBED_BATCH}": (
                 [[s] for s in EMBED_SENTENCES],

@@ -39,6 +39,8 @@ VALID = [
     ({"max_batch_size": 8}, {"max_batch_size": 8}),  # already typed (Python callers)
     ({"batch_decoding": "greedy"}, {"batch_decoding": "greedy"}),
     ({}, {"batch_decoding": "auto"}),
+    ({"kv_cache_tokens": "4096"}, {"kv_cache_tokens": 4096}),
+    ({}, {"kv_cache_tokens": None}),
 ]
 
 INVALID = [
@@ -54,6 +56,7 @@ INVALID = [
     ({"torch_dtype": "float8"}, "torch_dtype", "unknown dtype"),
     ({"max_concurrent_requests": "0"}, "max_concurrent_requests", "below 1"),
     ({"batch_decoding": "fast"}, "batch_decoding", "not a mode"),
+    ({"kv_cache_tokens": "0"}, "kv_cache_tokens", "below 1"),
 ]
 
 

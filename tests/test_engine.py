@@ -169,9 +169,15 @@ def test_micro_batcher_batches_concurrent_items_and_isolates_failures():
 
 
 def test_kv_cache_is_sized_from_batch_size_not_memory():
-    assert kv_cache_blocks(16, 8192) == 8192 // 32  # at least one context window
-    assert kv_cache_blocks(64, 2048) == 64 * 256 // 32
-    assert kv_cache_blocks(1, 128) == 4
+    assert kv_cache_blocks(EngineSettings(max_batch_size=16), 8192) == 8192 // 32  # a window
+    assert kv_cache_blocks(EngineSettings(max_batch_size=64), 2048) == 64 * 128 // 32
+    assert kv_cache_blocks(EngineSettings(max_batch_size=1), 128) == 4
+
+
+def test_kv_cache_size_can_be_set_but_holds_a_context_window(caplog):
+    assert kv_cache_blocks(EngineSettings(kv_cache_tokens=4096), 1024) == 4096 // 32
+    assert kv_cache_blocks(EngineSettings(kv_cache_tokens=100), 1024) == 1024 // 32
+    assert "below the model's context window" in caplog.text
 
 
 def test_exclusive_pauses_the_generation_loop(generator: TextGenerator):

@@ -321,6 +321,24 @@ def test_embeddings_match_sentence_transformers(embeddings_model: Any, minilm_di
     assert response["usage"]["prompt_tokens"] == response["usage"]["total_tokens"] > 0
 
 
+def test_embeddings_of_many_texts_come_back_in_input_order(embeddings_model: Any):
+    """More texts than one batch: encoded in length-sorted batches, answered in input order."""
+    texts = [("word " * (i % 7 + 1)).strip() + f" {i}" for i in range(70)]  # 3 batches of 32
+
+    response = embeddings_model.predict({"input": texts})
+
+    vectors = np.array([item["embedding"] for item in response["data"]])
+    one_by_one = np.array(
+        [embeddings_model.predict({"input": text})["data"][0]["embedding"] for text in texts[:10]]
+    )
+    np.testing.assert_allclose(vectors[:10], one_by_one, atol=1e-5)
+    assert [item["index"] for item in response["data"]] == list(range(70))
+    single_counts = [
+        embeddings_model.predict({"input": text})["usage"]["prompt_tokens"] for text in texts
+    ]
+    assert response["usage"]["prompt_tokens"] == sum(single_counts)
+
+
 def test_embeddings_base64_and_errors(embeddings_model: Any, minilm_dir: Path, tmp_path: Path):
     floats = embeddings_model.predict({"input": "Paris"})["data"][0]["embedding"]
     encoded = embeddings_model.predict({"input": "Paris", "encoding_format": "base64"})["data"][0][

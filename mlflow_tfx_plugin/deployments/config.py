@@ -43,8 +43,13 @@ class DeploymentConfig(BaseModel):
         16,
         ge=1,
         le=1024,
-        description="Sequences decoded together (and texts per embedding batch); the KV "
-        "cache holds 256 tokens per sequence, at least one context window.",
+        description="Sequences decoded together, and requests per embedding batch.",
+    )
+    kv_cache_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens the paged KV cache holds, shared by all sequences (default: "
+        "128 per max_batch_size slot); never less than the context window.",
     )
     max_concurrent_requests: int = Field(
         64, ge=1, description="Requests admitted at once; more get HTTP 429."

@@ -44,8 +44,8 @@ _logger = logging.getLogger(__name__)
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 
-#: KV-cache tokens reserved per sequence of ``max_batch_size`` (longer ones share the pool).
-KV_TOKENS_PER_SEQUENCE = 256
+#: Default KV-cache tokens per ``max_batch_size`` slot (longer sequences share the pool).
+KV_TOKENS_PER_SEQUENCE = 128
 _PAGE_SIZE = 32  # small pages waste less of a small CPU cache than the default 256
 _BATCH_WINDOW_S = 0.005
 
@@ -64,6 +64,7 @@ class EngineSettings:
 
     max_batch_size: int = 16
     max_tokens_limit: int | None = None
+    kv_cache_tokens: int | None = None
     on_batch: BatchObserver = field(default=lambda size: None)
     #: A greedy-only continuous-batching loop: no per-request sampling warpers (each sorts
     #: the vocabulary every step), so greedy requests decode faster; sampled requests go
@@ -514,13 +515,22 @@ def check_max_tokens(params: GenerationParams, settings: EngineSettings) -> None
         )
 
 
-def kv_cache_blocks(max_batch_size: int, context_window: int) -> int:
-    """Pages of the paged KV cache: ``KV_TOKENS_PER_SEQUENCE`` per batch slot.
+def kv_cache_blocks(settings: EngineSettings, context_window: int) -> int:
+    """Pages of the paged KV cache: ``kv_cache_tokens``, else ``KV_TOKENS_PER_SEQUENCE`` per
+    batch slot, and never less than one context window (so any single request fits).
 
-    Sequences take pages as they grow, so one long sequence may use many slots' worth;
-    the cache always holds at least one full context window.
+    Sequences take pages as they grow, so one long sequence may use many slots' worth.
     """
-    tokens = max(max_batch_size * min(KV_TOKENS_PER_SEQUENCE, context_window), context_window)
+    tokens = settings.kv_cache_tokens or settings.max_batch_size * KV_TOKENS_PER_SEQUENCE
+    if tokens < context_window:
+        if settings.kv_cache_tokens:
+            _logger.warning(
+                "kv_cache_tokens=%d is below the model's context window; using %d so that "
+                "any single request fits.",
+                tokens,
+                context_window,
+            )
+        tokens = context_window
     return math.ceil(tokens / _PAGE_SIZE)
 
 
@@ -546,14 +556,21 @@ def _start_manager(generator: TextGenerator, settings: EngineSettings) -> Any:
     generation_config = GenerationConfig(**sampling, **common)
     cb_config = ContinuousBatchingConfig(
         page_size=_PAGE_SIZE,
-        num_blocks=kv_cache_blocks(settings.max_batch_size, generator.context_window),
-        max_batch_tokens=max(2048, settings.max_batch_size * 64),
+        num_blocks=kv_cache_blocks(settings, generator.context_window),
+        # Tokens per forward pass: longer prefills are split. The loop's buffers (attention
+        # mask, indices) grow with it, and short chat prompts rarely need more.
+        max_batch_tokens=max(256, settings.max_batch_size * 32),
         max_requests_per_batch=settings.max_batch_size,
         per_request_processors=not settings.greedy_only,
         auto_switch_to_flash=False,
     )
     manager = model.init_continuous_batching(
         generation_config=generation_config, continuous_batching_config=cb_config
+    )
+    _logger.info(
+        "Paged KV cache: %d tokens for up to %d sequences.",
+        cb_config.num_blocks * _PAGE_SIZE,
+        settings.max_batch_size,
     )
     manager.warmup()
     manager.start()

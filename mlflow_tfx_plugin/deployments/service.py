@@ -53,6 +53,7 @@ class LoadOptions:
     torch_dtype: str | None = None
     max_batch_size: int = 16
     max_tokens_limit: int | None = None
+    kv_cache_tokens: int | None = None
     continuous_batching: bool = True
     batch_decoding: str = "auto"
 
@@ -77,6 +78,7 @@ class ServedModel:
         settings = EngineSettings(
             max_batch_size=options.max_batch_size,
             max_tokens_limit=options.max_tokens_limit,
+            kv_cache_tokens=options.kv_cache_tokens,
             on_batch=on_batch or (lambda size: None),
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfx-model")

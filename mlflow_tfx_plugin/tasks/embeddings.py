@@ -66,9 +66,31 @@ class EmbeddingRunner:
     normalize: bool = False
     max_length: int | None = None
     task: str = "feature-extraction"
+    batch_size: int = 32
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        """Embeddings (one row per text) and each text's number of tokens."""
+        """Embeddings (one row per text) and each text's number of tokens.
+
+        More than ``batch_size`` texts are encoded in batches of similar lengths (longest
+        first, as sentence-transformers does), so little compute goes to padding and memory
+        stays bounded however many texts arrive.
+        """
+        if len(texts) <= self.batch_size:
+            return self._encode_batch(texts)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        parts = [
+            self._encode_batch([texts[i] for i in order[start : start + self.batch_size]])
+            for start in range(0, len(order), self.batch_size)
+        ]
+        vectors = np.empty((len(texts), parts[0][0].shape[1]), dtype=parts[0][0].dtype)
+        vectors[order] = np.concatenate([part_vectors for part_vectors, _ in parts])
+        counts = [0] * len(texts)
+        sorted_counts = (count for _, part_counts in parts for count in part_counts)
+        for index, count in zip(order, sorted_counts, strict=True):
+            counts[index] = count
+        return vectors, counts
+
+    def _encode_batch(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         import torch
 
         batch = self.tokenizer(
