@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import logging
 import os
 import secrets
 import socket
+import struct
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
@@ -54,6 +57,8 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 SHUTDOWN_DEADLINE_S = float(os.environ.get("MLFLOW_TFX_SHUTDOWN_TIMEOUT", "30"))
 _PASSTHROUGH_KEYS = {"messages": "chat", "prompt": "completions", "input": "embeddings"}
 _PYFUNC_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+_SO_ATTACH_REUSEPORT_CBPF = 51  # Linux <asm-generic/socket.h>
+_BPF_RET_K = 0x06  # BPF_RET | BPF_K: return the constant k
 
 
 class JSONResponse(starlette_responses.JSONResponse):
@@ -560,14 +565,12 @@ def serve(
     listen_after_load: bool = False,
 ) -> int:
     """Serve in the foreground until SIGINT/SIGTERM; returns the process exit code."""
-    import uvicorn
-
     if config.port is None:
         raise InvalidInputError("The server needs a port.", param="port")
     app = create_app(
         name, config, model_dir=model_dir, api_key=api_key, listen_after_load=listen_after_load
     )
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             app,
             host=config.host,
@@ -577,12 +580,43 @@ def serve(
             timeout_graceful_shutdown=int(SHUTDOWN_DEADLINE_S),
         )
     )
+    server.takes_over_port = listen_after_load
     state: ServerState = app.state.tfx
     state.stop_server = lambda: setattr(server, "should_exit", True)
     _logger.info("Serving %s from %s on http://%s:%d", name, model_dir, config.host, config.port)
     server.run(sockets=[_listening_socket(config.host, config.port)])
     # 1 when the model failed to load, or uvicorn never started (it logged why)
     return 1 if state.load_error or not server.started else 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server; when it replaces another one on the port, it takes all new connections."""
+
+    takes_over_port = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.takes_over_port and self.started:
+            for sock in sockets or ():
+                _steer_new_connections_to(sock)
+
+
+def _steer_new_connections_to(sock: socket.socket) -> None:
+    """Make the kernel hand every new connection on the port to ``sock``, the newest listener.
+
+    The old server of an update then gets nothing new while it drains, so no connection is
+    left in its accept queue when it closes (Linux resets those). The one-instruction
+    program returns index 1 of the port's SO_REUSEPORT group: the socket that joined second,
+    this one. Once the old server has left, index 1 is out of range and the kernel falls
+    back to its hash, so later updates work the same way.
+    """
+    return_one = struct.pack("@HBBI", _BPF_RET_K, 0, 0, 1)  # struct sock_filter
+    program = ctypes.create_string_buffer(return_one)
+    fprog = struct.pack("@HP", 1, ctypes.addressof(program))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as err:  # not Linux, or an old kernel: connections are shared by hash
+        _logger.warning("Could not take over new connections on the port: %s", err)
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
