@@ -578,9 +578,9 @@ def serve(
             log_level="info",
             access_log=False,
             timeout_graceful_shutdown=int(SHUTDOWN_DEADLINE_S),
-        )
+        ),
+        takes_over_port=listen_after_load,
     )
-    server.takes_over_port = listen_after_load
     state: ServerState = app.state.tfx
     state.stop_server = lambda: setattr(server, "should_exit", True)
     _logger.info("Serving %s from %s on http://%s:%d", name, model_dir, config.host, config.port)
@@ -592,7 +592,9 @@ def serve(
 class _Server(uvicorn.Server):
     """uvicorn's server; when it replaces another one on the port, it takes all new connections."""
 
-    takes_over_port = False
+    def __init__(self, config: uvicorn.Config, *, takes_over_port: bool) -> None:
+        super().__init__(config)
+        self.takes_over_port = takes_over_port
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
