@@ -84,11 +84,9 @@ class EmbeddingRunner:
         ]
         vectors = np.empty((len(texts), parts[0][0].shape[1]), dtype=parts[0][0].dtype)
         vectors[order] = np.concatenate([part_vectors for part_vectors, _ in parts])
-        counts = [0] * len(texts)
-        sorted_counts = (count for _, part_counts in parts for count in part_counts)
-        for index, count in zip(order, sorted_counts, strict=True):
-            counts[index] = count
-        return vectors, counts
+        counts: np.ndarray = np.empty(len(texts), dtype=np.int64)
+        counts[order] = np.concatenate([part_counts for _, part_counts in parts])
+        return vectors, counts.tolist()
 
     def _encode_batch(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         import torch
