@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,8 @@ import pytest
 import requests
 
 import mlflow_tfx_plugin as tfx
-from mlflow_tfx_plugin.deployments.process import free_port
+from mlflow_tfx_plugin.deployments.config import API_KEY_ENV
+from mlflow_tfx_plugin.deployments.process import free_port, server_environment
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ def serve(model_dir: Path, log: Path, name: str = "tiny", **config: object) -> I
     """The deployment server on a free port until the block ends (SIGTERM, then SIGKILL)."""
     port = free_port()
     config = {"port": port, **config}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TFX_API_KEY": API_KEY}
+    env = {**server_environment(API_KEY, API_KEY_ENV), "HF_HUB_OFFLINE": "1"}  # as the target does
     cmd = [sys.executable, "-m", "mlflow_tfx_plugin.deployments.server"]
     cmd += ["--model-dir", str(model_dir), "--name", name, "--config-json", json.dumps(config)]
     with log.open("wb") as sink:
@@ -281,9 +281,23 @@ def test_invocations_accepts_mlflow_payloads(server: Server, reference):
     records = requests.post(
         f"{server.url}/invocations", json={"dataframe_records": [body]}, headers=headers, timeout=60
     )
+    split = {"columns": list(body), "data": [list(body.values())]}
+    frame = requests.post(
+        f"{server.url}/invocations", json={"dataframe_split": split}, headers=headers, timeout=60
+    )
+    ragged = {"columns": ["messages", "max_tokens"], "data": [[HELLO]]}
+    bad = requests.post(
+        f"{server.url}/invocations", json={"dataframe_split": ragged}, headers=headers, timeout=60
+    )
 
     assert direct.json()["choices"][0]["message"]["content"] == expected
     assert records.json()["predictions"]["choices"][0]["message"]["content"] == expected
+    assert frame.json()["predictions"]["choices"][0]["message"]["content"] == expected
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "dataframe_split"
+    # DataFrame payloads are read without pandas: the server never loads it (nor MLflow,
+    # which would load pandas and pyarrow).
+    mapped = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "/pandas/" not in mapped and "/pyarrow/" not in mapped
 
 
 def test_metrics_count_requests_by_route_and_status(server: Server):

@@ -30,12 +30,13 @@ from mlflow_tfx_plugin.errors import InvalidInputError, TfxError
 from mlflow_tfx_plugin.flavor_config import (
     FLAVOR_NAME,
     MODEL_DIR,
+    PROMPT_TEMPLATE_KEY,
     STOCK_FLAVOR_NAME,
     FlavorConfig,
 )
 from mlflow_tfx_plugin.loading import (
     as_torch_dtype,
-    flavor_config_of,
+    load_adapter,
     load_components,
     read_flavor_config,
 )
@@ -47,7 +48,6 @@ from mlflow_tfx_plugin.tasks import LLMAdapter, TaskAdapter, get_adapter
 
 _logger = logging.getLogger(__name__)
 
-PROMPT_TEMPLATE_KEY = "prompt_template"
 ReturnType = Literal["pipeline", "components"]
 
 
@@ -257,32 +257,6 @@ def load_model(
 def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> TfxPyfuncModel:
     """Entry point for ``mlflow.pyfunc.load_model``: the model as a pyfunc predictor."""
     return TfxPyfuncModel(load_adapter(path, model_config))
-
-
-def load_adapter(
-    path: str | Path,
-    model_config: Mapping[str, Any] | None = None,
-    *,
-    device: Any = None,
-    torch_dtype: Any = None,
-) -> TaskAdapter:
-    """The task adapter over a saved model's loaded components (pyfunc and the server)."""
-    local_path = Path(path)
-    mlmodel = Model.load(str(local_path / MLMODEL_FILE_NAME))
-    config = flavor_config_of(mlmodel, local_path)
-    components = load_components(local_path, config, device=device, torch_dtype=torch_dtype)
-    adapter_cls = get_adapter(config.adapter_task)
-    params_schema = mlmodel.signature.params if mlmodel.signature else None
-    # mlflow.pyfunc passes the saved model_config merged with overrides; a direct call
-    # (the deployment server) gets the saved one as the base.
-    saved_config = mlmodel.flavors.get(pyfunc.FLAVOR_NAME, {}).get(pyfunc.MODEL_CONFIG) or {}
-    return adapter_cls(
-        adapter_cls.build_runner(components, **config.task_options),
-        model_config={**saved_config, **(model_config or {})},
-        prompt_template=(mlmodel.metadata or {}).get(PROMPT_TEMPLATE_KEY),
-        signature_params=[spec.name for spec in params_schema.params] if params_schema else (),
-        model_name=Path(config.source_model_name or "model").name,
-    )
 
 
 def generate_signature_output(

@@ -17,6 +17,8 @@ STOCK_FLAVOR_NAME = "transformers"
 MODEL_DIR = "model"
 PEFT_DIR = "peft"
 STOCK_COMPONENTS_DIR = "components"
+#: MLmodel metadata key of the model's prompt template.
+PROMPT_TEMPLATE_KEY = "prompt_template"
 
 
 @dataclass(kw_only=True)

@@ -16,8 +16,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
 from mlflow_tfx_plugin.checkpoint import (
     PICKLE_WEIGHT_SUFFIXES,
     SAFETENSORS_SUFFIX,
@@ -56,7 +54,7 @@ class HubError(TfxError):
     a registration whose source cannot be fetched should fail at once with the reason.
     """
 
-    default_error_code = INVALID_PARAMETER_VALUE
+    default_error_code = "INVALID_PARAMETER_VALUE"
 
 
 class IntegrityError(HubError):

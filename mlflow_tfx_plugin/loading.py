@@ -3,37 +3,108 @@
 Works on models written by this flavor and by stock ``mlflow.transformers``.
 Weights load from safetensors (memory-mapped by ``from_pretrained``); remote code
 runs only when the caller passes ``trust_remote_code=True``.
+
+Nothing here imports MLflow: the deployment server loads models through this module
+and reads the MLmodel file with PyYAML (see :mod:`mlflow_tfx_plugin.errors`).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from mlflow.models import Model
-from mlflow.models.model import MLMODEL_FILE_NAME
+import yaml
 
 from mlflow_tfx_plugin import components as comp
 from mlflow_tfx_plugin.errors import InvalidInputError, ModelNotFoundError
 from mlflow_tfx_plugin.flavor_config import (
     FLAVOR_NAME,
+    PROMPT_TEMPLATE_KEY,
     STOCK_COMPONENTS_DIR,
     STOCK_FLAVOR_NAME,
     FlavorConfig,
 )
 from mlflow_tfx_plugin.hub import HubReference, load_error
-from mlflow_tfx_plugin.tasks import get_adapter
+from mlflow_tfx_plugin.tasks import TaskAdapter, get_adapter
+
+MLMODEL_FILE_NAME = "MLmodel"
+_PYFUNC_FLAVOR = "python_function"  # mlflow.pyfunc.FLAVOR_NAME
+_PYFUNC_MODEL_CONFIG = "config"  # mlflow.pyfunc.MODEL_CONFIG
+
+
+class HasFlavors(Protocol):
+    """An MLmodel: :class:`mlflow.models.Model` or :class:`MLmodelFile`."""
+
+    @property
+    def flavors(self) -> dict[str, Any]: ...
+
+    @property
+    def metadata(self) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True)
+class MLmodelFile:
+    """The parts of a saved model's MLmodel file that loading it needs."""
+
+    flavors: dict[str, Any]
+    metadata: dict[str, Any] | None
+    #: Names of the params in the model's signature.
+    signature_params: tuple[str, ...]
+
+    @classmethod
+    def read(cls, model_path: Path) -> MLmodelFile:
+        path = model_path / MLMODEL_FILE_NAME
+        if not path.is_file():
+            raise ModelNotFoundError(
+                f"'{model_path}' is not an MLflow model: it has no MLmodel file."
+            )
+        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        params = json.loads((content.get("signature") or {}).get("params") or "[]")
+        return cls(
+            flavors=content.get("flavors") or {},
+            metadata=content.get("metadata"),
+            signature_params=tuple(spec["name"] for spec in params),
+        )
+
+    @property
+    def saved_model_config(self) -> dict[str, Any]:
+        """The ``model_config`` saved with the model (the pyfunc flavor keeps it)."""
+        return self.flavors.get(_PYFUNC_FLAVOR, {}).get(_PYFUNC_MODEL_CONFIG) or {}
 
 
 def read_flavor_config(model_path: Path) -> FlavorConfig:
     """The flavor config of a saved model: ``tfx`` if present, else stock ``transformers``."""
-    mlmodel_path = model_path / MLMODEL_FILE_NAME
-    if not mlmodel_path.is_file():
-        raise ModelNotFoundError(f"'{model_path}' is not an MLflow model: it has no MLmodel file.")
-    return flavor_config_of(Model.load(str(mlmodel_path)), model_path)
+    return flavor_config_of(MLmodelFile.read(model_path), model_path)
 
 
-def flavor_config_of(model: Model, model_path: Path | str = "the model") -> FlavorConfig:
+def load_adapter(
+    path: str | Path,
+    model_config: Mapping[str, Any] | None = None,
+    *,
+    device: Any = None,
+    torch_dtype: Any = None,
+) -> TaskAdapter:
+    """The task adapter over a saved model's loaded components (pyfunc and the server)."""
+    local_path = Path(path)
+    mlmodel = MLmodelFile.read(local_path)
+    config = flavor_config_of(mlmodel, local_path)
+    components = load_components(local_path, config, device=device, torch_dtype=torch_dtype)
+    adapter_cls = get_adapter(config.adapter_task)
+    # mlflow.pyfunc passes the saved model_config merged with overrides; a direct call
+    # (the deployment server) gets the saved one as the base.
+    return adapter_cls(
+        adapter_cls.build_runner(components, **config.task_options),
+        model_config={**mlmodel.saved_model_config, **(model_config or {})},
+        prompt_template=(mlmodel.metadata or {}).get(PROMPT_TEMPLATE_KEY),
+        signature_params=mlmodel.signature_params,
+        model_name=Path(config.source_model_name or "model").name,
+    )
+
+
+def flavor_config_of(model: HasFlavors, model_path: Path | str = "the model") -> FlavorConfig:
     """The flavor config in an already-parsed MLmodel."""
     if FLAVOR_NAME in model.flavors:
         return FlavorConfig.from_dict(model.flavors[FLAVOR_NAME])

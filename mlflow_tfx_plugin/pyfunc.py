@@ -6,11 +6,11 @@ adapters only ever see strings, lists, dicts, bytes and arrays of numbers.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.tasks import LLMAdapter, TaskAdapter
@@ -38,11 +38,14 @@ class TfxPyfuncModel:
 
 def to_python(data: Any) -> Any:
     """Convert pyfunc input from pandas/NumPy containers to plain Python values."""
-    if isinstance(data, pd.DataFrame):
+    # Data can only be a pandas object if pandas is loaded; the deployment server never
+    # loads it (60 MB), so it is not imported here.
+    pd = sys.modules.get("pandas")
+    if pd is not None and isinstance(data, pd.DataFrame):
         return [
             {key: _plain(value) for key, value in row.items()} for row in data.to_dict("records")
         ]
-    if isinstance(data, pd.Series):
+    if pd is not None and isinstance(data, pd.Series):
         return [_plain(value) for value in data.tolist()]
     if isinstance(data, np.ndarray) and data.dtype == object:
         return [_plain(value) for value in data.tolist()]

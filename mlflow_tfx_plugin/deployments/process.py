@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 import requests
 
-from mlflow_tfx_plugin.errors import InvalidInputError, TfxError
+from mlflow_tfx_plugin.errors import SERVER_PROCESS_ENV, InvalidInputError, TfxError
 
 STARTUP_TIMEOUT_ENV = "MLFLOW_TFX_STARTUP_TIMEOUT"
 """Seconds to wait for a new server's ``/health`` (default 600)."""
@@ -89,12 +89,14 @@ def server_command(
 
 
 def server_environment(api_key: str | None, api_key_env: str) -> dict[str, str]:
-    """This process's environment with the API key set (or removed) for the server."""
+    """This process's environment with the API key set (or removed) for the server, which
+    runs without importing MLflow (``SERVER_PROCESS_ENV``)."""
     env = dict(os.environ)
     env.pop(api_key_env, None)
     if api_key:
         env[api_key_env] = api_key
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env[SERVER_PROCESS_ENV] = "1"
     return env
 
 

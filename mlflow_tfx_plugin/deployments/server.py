@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
@@ -364,13 +363,27 @@ def _pyfunc_input(body: dict[str, Any]) -> Any:
         raise InvalidInputError(f"Send one of {', '.join(keys)}, not several.", param=keys[0])
     key = keys[0]
     if key == "dataframe_split":
-        split = body[key]
-        return pd.DataFrame(
-            split.get("data"), columns=split.get("columns"), index=split.get("index")
-        )
-    if key == "dataframe_records":
-        return pd.DataFrame(body[key])
+        return _split_records(body[key])
     return body[key]
+
+
+def _split_records(split: Any) -> list[dict[Any, Any]]:
+    """The rows of a ``dataframe_split`` payload as the records pandas would make of them."""
+    rows = split.get("data") if isinstance(split, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+        raise InvalidInputError(
+            "dataframe_split must be an object with 'data', a list of rows (lists), and "
+            "optionally 'columns'.",
+            param="dataframe_split",
+        )
+    width = max((len(row) for row in rows), default=0)
+    columns = split.get("columns") or list(range(width))
+    if any(len(row) != len(columns) for row in rows):
+        raise InvalidInputError(
+            f"dataframe_split has {len(columns)} columns, but a row of a different length.",
+            param="dataframe_split",
+        )
+    return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 async def _with_timeout(state: ServerState, work: Awaitable[Any]) -> Any:
@@ -505,7 +518,8 @@ def _too_large() -> APIError:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, pd.DataFrame):
+    pd = sys.modules.get("pandas")  # only a loaded pandas can have made a DataFrame
+    if pd is not None and isinstance(value, pd.DataFrame):
         return _jsonable(value.to_dict("records"))
     if isinstance(value, np.ndarray):
         return value.tolist()

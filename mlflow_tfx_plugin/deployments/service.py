@@ -26,6 +26,7 @@ from mlflow_tfx_plugin.deployments.engine import (
 )
 from mlflow_tfx_plugin.errors import InvalidInputError, UnsupportedTaskError
 from mlflow_tfx_plugin.generation import TextGenerator
+from mlflow_tfx_plugin.loading import load_adapter
 from mlflow_tfx_plugin.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -277,8 +278,6 @@ def load_served_model(
     name: str, model_dir: Path, options: LoadOptions, on_batch: Any = None
 ) -> ServedModel:
     """Load a saved ``tfx`` or stock ``transformers`` model for serving."""
-    from mlflow_tfx_plugin.flavor import load_adapter
-
     adapter = load_adapter(model_dir, device=options.device, torch_dtype=options.torch_dtype)
     served = ServedModel(name, adapter, options, on_batch)
     if not served.routes:

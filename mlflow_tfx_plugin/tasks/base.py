@@ -11,12 +11,13 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-from mlflow.models.signature import ModelSignature
-from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mlflow_tfx_plugin.errors import InvalidInputError
+
+if TYPE_CHECKING:  # imported where signatures are built: log time, never in the server
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ParamSchema, Schema
 
 #: Parameters of ``generate`` accepted at predict time by generation tasks, with the
 #: MLflow param type used in signatures.
@@ -34,7 +35,6 @@ GENERATION_PARAMS: dict[str, str] = {
 }
 
 Components = dict[str, Any]
-STRING_SCHEMA = Schema([ColSpec("string")])
 
 
 @dataclass
@@ -78,8 +78,6 @@ class TaskAdapter(ABC):
     #: The flavor's own runner class, for tasks without a transformers pipeline.
     runner_class: ClassVar[type[Runner]] = Runner
     default_input_example: ClassVar[Any] = "Hello, world!"
-    input_schema: ClassVar[Schema] = STRING_SCHEMA
-    output_schema: ClassVar[Schema] = STRING_SCHEMA
 
     def __init__(
         self,
@@ -117,12 +115,26 @@ class TaskAdapter(ABC):
         cls, model_config: Mapping[str, Any] | None = None
     ) -> ModelSignature | None:
         """The signature used when no input example is given."""
+        from mlflow.models.signature import ModelSignature
+
         params: Any = cls.params_schema(model_config)  # ModelSignature accepts None
-        return ModelSignature(inputs=cls.input_schema, outputs=cls.output_schema, params=params)
+        return ModelSignature(inputs=cls.input_schema(), outputs=cls.output_schema(), params=params)
+
+    @classmethod
+    def input_schema(cls) -> Schema:
+        """The signature's inputs (a string by default)."""
+        return string_schema()
+
+    @classmethod
+    def output_schema(cls) -> Schema:
+        """The signature's outputs (a string by default)."""
+        return string_schema()
 
     @classmethod
     def params_schema(cls, model_config: Mapping[str, Any] | None = None) -> ParamSchema | None:
         """Predict-time params: the task's call parameters plus the model_config keys."""
+        from mlflow.types.schema import ParamSchema, ParamSpec
+
         specs = {name: ParamSpec(name, dtype, None) for name, dtype in cls.call_params.items()}
         for name, value in (model_config or {}).items():
             specs[name] = ParamSpec(name, _param_dtype(name, value), value)
@@ -154,6 +166,20 @@ class TaskAdapter(ABC):
     @abstractmethod
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> Any:
         """Run the task on pyfunc input with the resolved call parameters."""
+
+
+def string_schema() -> Schema:
+    """One unnamed string column."""
+    from mlflow.types.schema import ColSpec, Schema
+
+    return Schema([ColSpec("string")])
+
+
+def column_schema(*columns: tuple[str, str]) -> Schema:
+    """Named columns, each given as ``(type, name)``."""
+    from mlflow.types.schema import ColSpec, Schema
+
+    return Schema([ColSpec(dtype, name) for dtype, name in columns])
 
 
 def _param_dtype(name: str, value: Any) -> str:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, ClassVar
-
-from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.generation import StreamDelta
@@ -19,7 +17,10 @@ from mlflow_tfx_plugin.protocol import (
     ResponseMessage,
     Usage,
 )
-from mlflow_tfx_plugin.tasks.llm import GENERATION_EXTRA_FIELDS, GenerativeAdapter, extend_schema
+from mlflow_tfx_plugin.tasks.llm import GenerativeAdapter, extend_schema
+
+if TYPE_CHECKING:
+    from mlflow.types.schema import Schema
 
 
 class ChatAdapter(GenerativeAdapter):
@@ -30,8 +31,18 @@ class ChatAdapter(GenerativeAdapter):
     default_input_example: ClassVar[Any] = {
         "messages": [{"role": "user", "content": "What is the capital of France?"}]
     }
-    input_schema = extend_schema(CHAT_MODEL_INPUT_SCHEMA, *GENERATION_EXTRA_FIELDS)
-    output_schema = CHAT_MODEL_OUTPUT_SCHEMA
+
+    @classmethod
+    def input_schema(cls) -> Schema:
+        from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA
+
+        return extend_schema(CHAT_MODEL_INPUT_SCHEMA)
+
+    @classmethod
+    def output_schema(cls) -> Schema:
+        from mlflow.types.llm import CHAT_MODEL_OUTPUT_SCHEMA
+
+        return CHAT_MODEL_OUTPUT_SCHEMA
 
     def respond(self, requests: list[ChatCompletionRequest]) -> list[dict[str, Any]]:
         groups: dict[Any, list[int]] = {}

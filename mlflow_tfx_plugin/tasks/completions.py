@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, ClassVar
-
-from mlflow.types.llm import COMPLETIONS_MODEL_INPUT_SCHEMA, COMPLETIONS_MODEL_OUTPUT_SCHEMA
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.generation import StreamDelta
@@ -15,7 +13,10 @@ from mlflow_tfx_plugin.protocol import (
     CompletionResponse,
     Usage,
 )
-from mlflow_tfx_plugin.tasks.llm import GENERATION_EXTRA_FIELDS, GenerativeAdapter, extend_schema
+from mlflow_tfx_plugin.tasks.llm import GenerativeAdapter, extend_schema
+
+if TYPE_CHECKING:
+    from mlflow.types.schema import Schema
 
 
 class CompletionsAdapter(GenerativeAdapter):
@@ -25,8 +26,18 @@ class CompletionsAdapter(GenerativeAdapter):
     request_model = CompletionRequest
     supports_prompt_template = True
     default_input_example: ClassVar[Any] = {"prompt": "The capital of France is"}
-    input_schema = extend_schema(COMPLETIONS_MODEL_INPUT_SCHEMA, *GENERATION_EXTRA_FIELDS)
-    output_schema = COMPLETIONS_MODEL_OUTPUT_SCHEMA
+
+    @classmethod
+    def input_schema(cls) -> Schema:
+        from mlflow.types.llm import COMPLETIONS_MODEL_INPUT_SCHEMA
+
+        return extend_schema(COMPLETIONS_MODEL_INPUT_SCHEMA)
+
+    @classmethod
+    def output_schema(cls) -> Schema:
+        from mlflow.types.llm import COMPLETIONS_MODEL_OUTPUT_SCHEMA
+
+        return COMPLETIONS_MODEL_OUTPUT_SCHEMA
 
     def respond(self, requests: list[CompletionRequest]) -> list[dict[str, Any]]:
         responses = []

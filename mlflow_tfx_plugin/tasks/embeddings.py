@@ -12,16 +12,17 @@ import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from mlflow.types.llm import EMBEDDING_MODEL_INPUT_SCHEMA, EMBEDDING_MODEL_OUTPUT_SCHEMA
-from mlflow.types.schema import ColSpec
 
 from mlflow_tfx_plugin.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, Usage
 from mlflow_tfx_plugin.tasks.base import Components
 from mlflow_tfx_plugin.tasks.llm import LLMAdapter, extend_schema
 from mlflow_tfx_plugin.tasks.text import FeatureExtractionAdapter
+
+if TYPE_CHECKING:
+    from mlflow.types.schema import Schema
 
 PoolingMode = Literal["mean", "cls", "max", "lasttoken"]
 _POOLING_KEYS: dict[str, PoolingMode] = {
@@ -131,10 +132,20 @@ class EmbeddingsAdapter(LLMAdapter):
     load_with_auto_class = True
     request_model = EmbeddingRequest
     default_input_example: ClassVar[Any] = {"input": ["MLflow tracks models."]}
-    input_schema = extend_schema(
-        EMBEDDING_MODEL_INPUT_SCHEMA, ColSpec("string", "encoding_format", required=False)
-    )
-    output_schema = EMBEDDING_MODEL_OUTPUT_SCHEMA
+
+    @classmethod
+    def input_schema(cls) -> Schema:
+        from mlflow.types.llm import EMBEDDING_MODEL_INPUT_SCHEMA
+        from mlflow.types.schema import ColSpec
+
+        encoding_format = ColSpec("string", "encoding_format", required=False)
+        return extend_schema(EMBEDDING_MODEL_INPUT_SCHEMA, encoding_format)
+
+    @classmethod
+    def output_schema(cls) -> Schema:
+        from mlflow.types.llm import EMBEDDING_MODEL_OUTPUT_SCHEMA
+
+        return EMBEDDING_MODEL_OUTPUT_SCHEMA
 
     @classmethod
     def build_runner(cls, components: Components, **task_options: Any) -> EmbeddingRunner:

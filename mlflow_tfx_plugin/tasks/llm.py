@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from mlflow.types.schema import ColSpec, Object, Property, Schema
 from pydantic import BaseModel
 
 from mlflow_tfx_plugin.errors import InvalidInputError
@@ -21,6 +20,9 @@ from mlflow_tfx_plugin.generation import TextGenerator
 from mlflow_tfx_plugin.protocol import parse_request
 from mlflow_tfx_plugin.tasks.base import Components, TaskAdapter
 from mlflow_tfx_plugin.tasks.text import TextGenerationAdapter
+
+if TYPE_CHECKING:
+    from mlflow.types.schema import Schema
 
 
 class LLMAdapter(TaskAdapter):
@@ -34,7 +36,7 @@ class LLMAdapter(TaskAdapter):
     def default_signature(cls, model_config: Mapping[str, Any] | None = None) -> Any:
         from mlflow.models.signature import ModelSignature
 
-        return ModelSignature(inputs=cls.input_schema, outputs=cls.output_schema)
+        return ModelSignature(inputs=cls.input_schema(), outputs=cls.output_schema())
 
     def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> Any:
         requests = self.parse_requests(data, params)
@@ -105,19 +107,22 @@ class GenerativeAdapter(LLMAdapter):
         return TextGenerator(components["model"], components["tokenizer"])
 
 
-#: Request fields this flavor accepts beyond MLflow's public chat/completions schemas
-#: (MLflow's schema enforcement drops undeclared fields before the model sees them).
-GENERATION_EXTRA_FIELDS = (
-    ColSpec("long", "seed", required=False),
-    ColSpec("double", "repetition_penalty", required=False),
-    ColSpec(
-        Object([Property("include_usage", "boolean", required=False)]),
-        "stream_options",
-        required=False,
-    ),
-)
-
-
 def extend_schema(schema: Schema, *extra: Any) -> Schema:
-    """MLflow's public llm schema plus the fields this flavor also accepts."""
-    return Schema([*schema.inputs, *extra])
+    """MLflow's public llm schema plus the fields this flavor also accepts.
+
+    Without ``extra``, the generation fields chat and completions accept beyond MLflow's
+    public schemas (MLflow's schema enforcement drops undeclared fields before the model
+    sees them).
+    """
+    from mlflow.types.schema import ColSpec, Object, Property, Schema
+
+    generation_fields = (
+        ColSpec("long", "seed", required=False),
+        ColSpec("double", "repetition_penalty", required=False),
+        ColSpec(
+            Object([Property("include_usage", "boolean", required=False)]),
+            "stream_options",
+            required=False,
+        ),
+    )
+    return Schema([*schema.inputs, *(extra or generation_fields)])

@@ -7,11 +7,19 @@ answer span in the context from the start/end logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from mlflow.types.schema import ColSpec, Schema
+from mlflow_tfx_plugin.tasks.base import (
+    Components,
+    Runner,
+    TaskAdapter,
+    as_records,
+    column_schema,
+    require_string,
+)
 
-from mlflow_tfx_plugin.tasks.base import Components, Runner, TaskAdapter, as_records, require_string
+if TYPE_CHECKING:
+    from mlflow.types.schema import Schema
 
 
 @dataclass
@@ -66,7 +74,10 @@ class QuestionAnsweringAdapter(TaskAdapter):
         "question": "What is the capital of France?",
         "context": "Paris is the capital of France.",
     }
-    input_schema = Schema([ColSpec("string", "question"), ColSpec("string", "context")])
+
+    @classmethod
+    def input_schema(cls) -> Schema:
+        return column_schema(("string", "question"), ("string", "context"))
 
     @classmethod
     def build_runner(cls, components: Components, **task_options: Any) -> ExtractiveQARunner:

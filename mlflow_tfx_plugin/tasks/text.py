@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pandas as pd
-from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 
 from mlflow_tfx_plugin.tasks.base import (
     GENERATION_PARAMS,
     TaskAdapter,
     as_records,
     as_text_list,
+    column_schema,
     maybe_json,
     require_string,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.types.schema import Schema
 
 
 class TextGenerationAdapter(TaskAdapter):
@@ -69,9 +72,14 @@ class TextClassificationAdapter(TaskAdapter):
     auto_model_class = "AutoModelForSequenceClassification"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long", "function_to_apply": "string"}
     default_input_example = "MLflow makes tracking models easy."
-    output_schema = Schema([ColSpec("string", "label"), ColSpec("double", "score")])
+
+    @classmethod
+    def output_schema(cls) -> Schema:
+        return column_schema(("string", "label"), ("double", "score"))
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> pd.DataFrame:
+        import pandas as pd
+
         texts, _ = as_text_list(data)
         outputs = self.runner(texts, **call_kwargs)
         rows = [
@@ -111,18 +119,26 @@ class ZeroShotClassificationAdapter(TaskAdapter):
         "candidate_labels": ["hardware", "software"],
         "hypothesis_template": "This example is about {}.",
     }
-    input_schema = Schema(
-        [
-            ColSpec("string", "sequences"),
-            ColSpec(Array("string"), "candidate_labels"),
-            ColSpec("string", "hypothesis_template", required=False),
-        ]
-    )
-    output_schema = Schema(
-        [ColSpec("string", "sequence"), ColSpec("string", "labels"), ColSpec("double", "scores")]
-    )
+
+    @classmethod
+    def input_schema(cls) -> Schema:
+        from mlflow.types.schema import Array, ColSpec, Schema
+
+        return Schema(
+            [
+                ColSpec("string", "sequences"),
+                ColSpec(Array("string"), "candidate_labels"),
+                ColSpec("string", "hypothesis_template", required=False),
+            ]
+        )
+
+    @classmethod
+    def output_schema(cls) -> Schema:
+        return column_schema(("string", "sequence"), ("string", "labels"), ("double", "scores"))
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> pd.DataFrame:
+        import pandas as pd
+
         records, _ = as_records(data, required=("sequences", "candidate_labels"))
         rows: list[dict[str, Any]] = []
         for record in records:
@@ -151,7 +167,12 @@ class FeatureExtractionAdapter(TaskAdapter):
     auto_model_class = "AutoModel"
     supports_prompt_template = True
     default_input_example = "MLflow tracks models."
-    output_schema = Schema([TensorSpec(np.dtype("float64"), (-1, -1))])
+
+    @classmethod
+    def output_schema(cls) -> Schema:
+        from mlflow.types.schema import Schema, TensorSpec
+
+        return Schema([TensorSpec(np.dtype("float64"), (-1, -1))])
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> np.ndarray | list[np.ndarray]:
         """One text gives a (tokens, hidden) array; several give a list of them."""
@@ -173,7 +194,10 @@ class TableQuestionAnsweringAdapter(TaskAdapter):
         "query": "Which city is in France?",
         "table": '{"city": ["Paris", "Rome"], "country": ["France", "Italy"]}',
     }
-    input_schema = Schema([ColSpec("string", "query"), ColSpec("string", "table")])
+
+    @classmethod
+    def input_schema(cls) -> Schema:
+        return column_schema(("string", "query"), ("string", "table"))
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
         records, _ = as_records(data, required=("query", "table"))

@@ -6,13 +6,14 @@ import base64
 import binascii
 import io
 import os
-from typing import Any, ClassVar
-
-import pandas as pd
-from mlflow.types.schema import ColSpec, Schema
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mlflow_tfx_plugin.errors import InvalidInputError
-from mlflow_tfx_plugin.tasks.base import TaskAdapter, unwrap_record
+from mlflow_tfx_plugin.tasks.base import TaskAdapter, column_schema, unwrap_record
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.types.schema import Schema
 
 
 class ImageClassificationAdapter(TaskAdapter):
@@ -26,9 +27,14 @@ class ImageClassificationAdapter(TaskAdapter):
     auto_model_class = "AutoModelForImageClassification"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long"}
     default_input_example = None
-    output_schema = Schema([ColSpec("string", "label"), ColSpec("double", "score")])
+
+    @classmethod
+    def output_schema(cls) -> Schema:
+        return column_schema(("string", "label"), ("double", "score"))
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> pd.DataFrame:
+        import pandas as pd
+
         items = data if isinstance(data, list) else [data]
         if not items:
             raise InvalidInputError("Expected at least one image.", param="inputs")
