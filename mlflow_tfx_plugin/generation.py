@@ -106,7 +106,7 @@ class TextGenerator:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = {**self._generate_kwargs(params, prompt_length), "streamer": streamer}
         if cancel is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_cancel_criterion(cancel)])
+            kwargs["stopping_criteria"] = StoppingCriteriaList([cancel_criterion(cancel)])
         holder: dict[str, Any] = {}
         thread = threading.Thread(target=self._run_into, args=(holder, batch, kwargs, params.seed))
         thread.start()
@@ -212,7 +212,7 @@ class TextGenerator:
         return Completion(text=text, finish_reason=finish, completion_tokens=len(generated))
 
 
-def _cancel_criterion(event: threading.Event) -> Any:
+def cancel_criterion(event: threading.Event) -> Any:
     """A transformers stopping criterion that ends generation once ``event`` is set."""
     import torch
     from transformers import StoppingCriteria

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mlflow_tfx_plugin.deployments.engine import (
     ContinuousBatchingEngine,
+    EngineError,
     EngineSettings,
     MicroBatcher,
     MicroBatchingEngine,
@@ -216,3 +221,209 @@ def test_a_dead_generation_loop_fails_requests_and_health(generator: TextGenerat
         assert not engine.healthy
     finally:
         engine.close()
+
+
+# -- solo runs: a lone request runs plain generate, and hands off to the manager ---------
+
+
+@pytest.fixture(scope="module", params=["sampling", "greedy-only"])
+def continuous(request: pytest.FixtureRequest, generator: TextGenerator):
+    settings = EngineSettings(max_batch_size=4, greedy_only=request.param == "greedy-only")
+    built = ContinuousBatchingEngine(generator, settings)
+    yield built
+    built.close()
+
+
+@contextmanager
+def _on_solo_forward(generator: TextGenerator, hook: Callable[[int], None]) -> Iterator[None]:
+    """Call ``hook(n)`` before the n-th forward pass of solo runs (their worker thread)."""
+    calls = 0
+
+    def pre_hook(module: Any, args: Any) -> None:
+        nonlocal calls
+        if threading.current_thread().name.startswith("tfx-solo"):
+            calls += 1
+            hook(calls)
+
+    handle = generator.model.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _assert_idle(engine: ContinuousBatchingEngine) -> None:
+    assert engine.in_flight == 0
+    assert engine._sinks == {}
+
+
+def _collect(engine, prompt: str, params: GenerationParams):
+    async def run() -> list:
+        return [d async for d in engine.stream(prompt, params, add_special_tokens=True)]
+
+    return run()
+
+
+def test_a_lone_request_runs_solo_and_matches_generate(continuous, generator: TextGenerator):
+    params = GenerationParams(max_tokens=40, temperature=0)  # "Hi" ends with eos, 19 tokens
+    forced = GenerationParams(max_tokens=60, temperature=0, ignore_eos=True)  # eos at 48
+    solo, handoffs = continuous.solo_requests, continuous.handoffs
+
+    async def run():
+        result = await continuous.generate("Hi", params, add_special_tokens=True)
+        return result, await _collect(continuous, PROMPTS[2], forced)
+
+    result, deltas = asyncio.run(run())
+
+    assert result == _reference(generator, "Hi", params)
+    assert result.completions[0].finish_reason == "stop"
+    expected = _reference(generator, PROMPTS[2], forced).completions[0]
+    assert "".join(d.text for d in deltas) == expected.text
+    assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == ("length", 60)
+    assert (continuous.solo_requests, continuous.handoffs) == (solo + 2, handoffs)
+    _assert_idle(continuous)
+
+
+def test_which_lone_requests_run_solo(continuous):
+    sampled = GenerationParams(max_tokens=4, temperature=1.0)
+    seeded = GenerationParams(max_tokens=4, temperature=1.0, seed=3)
+    sampled_n = GenerationParams(max_tokens=4, temperature=1.0, n=2)
+
+    def solo_runs(params: GenerationParams) -> int:
+        before = continuous.solo_requests
+        result = asyncio.run(continuous.generate("Hi", params, add_special_tokens=True))
+        assert len(result.completions) == params.n
+        return continuous.solo_requests - before
+
+    greedy_only = continuous.settings.greedy_only
+    assert solo_runs(sampled) == (0 if greedy_only else 1)  # greedy-only: micro-batching
+    assert solo_runs(seeded) == 0
+    assert solo_runs(sampled_n) == 0
+    _assert_idle(continuous)
+
+
+def test_a_request_arriving_mid_generation_takes_over_in_the_manager(
+    continuous, generator: TextGenerator
+):
+    first = GenerationParams(max_tokens=40, temperature=0, ignore_eos=True)
+    second = GenerationParams(max_tokens=12, temperature=0)
+    reached, arrived = threading.Event(), threading.Event()
+    handoffs = continuous.handoffs
+
+    def hold_fifth_step(call: int) -> None:  # the second request arrives mid-generation
+        if call == 5:
+            reached.set()
+            arrived.wait(timeout=10)
+
+    async def run():
+        streaming = asyncio.create_task(_collect(continuous, PROMPTS[2], first))
+        assert await asyncio.to_thread(reached.wait, 10)
+        completing = asyncio.create_task(
+            continuous.generate(PROMPTS[0], second, add_special_tokens=True)
+        )
+        while continuous.in_flight < 2:
+            await asyncio.sleep(0.001)
+        arrived.set()
+        return await asyncio.wait_for(asyncio.gather(streaming, completing), timeout=60)
+
+    with _on_solo_forward(generator, hold_fifth_step):
+        deltas, result = asyncio.run(run())
+
+    expected = _reference(generator, PROMPTS[2], first).completions[0]
+    assert "".join(d.text for d in deltas) == expected.text
+    assert [d.finish_reason for d in deltas if d.finish_reason] == ["length"]
+    assert deltas[-1].completion_tokens == 40
+    assert result == _reference(generator, PROMPTS[0], second)
+    assert continuous.handoffs == handoffs + 1
+    _assert_idle(continuous)
+
+
+def test_leaving_a_solo_stream_early_stops_its_generation(continuous, generator: TextGenerator):
+    params = GenerationParams(max_tokens=100, temperature=0, ignore_eos=True)
+    steps: list[int] = []
+    solo = continuous.solo_requests
+
+    def slow_step(call: int) -> None:  # so that leaving early is early
+        steps.append(call)
+        time.sleep(0.01)
+
+    async def leave_after_first_delta():
+        async with aclosing(continuous.stream("Hello", params, add_special_tokens=True)) as s:
+            async for _ in s:
+                break
+
+    with _on_solo_forward(generator, slow_step):
+        asyncio.run(leave_after_first_delta())
+        assert len(steps) < 50
+        _assert_idle(continuous)
+        after = asyncio.run(
+            _collect(continuous, "Hello", GenerationParams(max_tokens=3, temperature=0))
+        )
+
+    assert after[-1].finish_reason is not None
+    assert continuous.solo_requests == solo + 2
+    _assert_idle(continuous)
+
+
+def test_leaving_after_a_handoff_cancels_the_continuation(continuous, generator: TextGenerator):
+    params = GenerationParams(max_tokens=100, temperature=0, ignore_eos=True)
+    handoffs = continuous.handoffs
+    batch_processor = continuous._manager.batch_processor
+
+    async def run():
+        newcomer = None
+        async with aclosing(continuous.stream(PROMPTS[2], params, add_special_tokens=True)) as s:
+            async for _ in s:
+                if continuous.handoffs > handoffs:  # the continuation is streaming
+                    break
+                newcomer = newcomer or asyncio.create_task(
+                    continuous.generate(
+                        "Hi", GenerationParams(max_tokens=2, temperature=0), add_special_tokens=True
+                    )
+                )
+        assert newcomer is not None
+        await newcomer
+        deadline = time.monotonic() + 1  # a leaked continuation would run for 2 s more
+        while batch_processor.has_pending_requests() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    handle = generator.model.register_forward_pre_hook(lambda *_: time.sleep(0.02))
+    try:
+        asyncio.run(run())
+    finally:
+        handle.remove()
+
+    assert continuous.handoffs == handoffs + 1
+    assert not batch_processor.has_pending_requests()
+    _assert_idle(continuous)
+
+
+def test_a_failing_solo_run_fails_only_its_request(continuous, generator: TextGenerator):
+    params = GenerationParams(max_tokens=8, temperature=0)
+
+    def fail_once(call: int) -> None:
+        if call == 1:
+            raise RuntimeError("model broke")
+
+    async def run():
+        with pytest.raises(EngineError, match="model broke"):
+            await asyncio.wait_for(
+                continuous.generate(PROMPTS[0], params, add_special_tokens=True), timeout=30
+            )
+        alone = await asyncio.wait_for(  # solo again
+            continuous.generate(PROMPTS[0], params, add_special_tokens=True), timeout=60
+        )
+        together = await asyncio.wait_for(  # the manager was not left paused
+            asyncio.gather(
+                *(continuous.generate(p, params, add_special_tokens=True) for p in PROMPTS[1:3])
+            ),
+            timeout=60,
+        )
+        return [alone, *together]
+
+    with _on_solo_forward(generator, fail_once):
+        results = asyncio.run(run())
+
+    assert results == [_reference(generator, p, params) for p in PROMPTS[:3]]
+    assert continuous.healthy
+    _assert_idle(continuous)
