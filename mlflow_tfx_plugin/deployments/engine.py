@@ -483,7 +483,7 @@ class ContinuousBatchingEngine:
         """A solo run's outputs: its own tokens, then, after a handoff, the manager's."""
         self.solo_requests += 1
         await asyncio.sleep(0)  # requests arriving in the same burst are admitted first
-        worker = run.loop.run_in_executor(self._solo_executor, self._run_solo, run)
+        run.loop.run_in_executor(self._solo_executor, self._run_solo, run)
         finished = False
         try:
             while not finished:
@@ -499,7 +499,9 @@ class ContinuousBatchingEngine:
                 run.stop.set()
             if run.continuation_id is not None:
                 self._forget(run.continuation_id, cancel=not finished)
-            await asyncio.shield(worker)  # its generate stops after the current step
+            # No await here: the server closes this generator from a cancelled task, where
+            # an await would be cancelled too. The worker's generate stops after its
+            # current step, and the single solo thread runs the next request after it.
 
     def _run_solo(self, run: _SoloRun) -> None:
         """Worker thread: generate with the manager paused, then hand off if not complete."""
@@ -709,7 +711,8 @@ class _SoloRun:
         self.send(_SoloOutput(list(self.tokens), self.complete))
 
     def send(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        if not self.closed:  # nobody reads once the consumer is gone (its loop may be too)
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
 
 
 def _token_streamer(on_token: Callable[[int], None]) -> Any:
