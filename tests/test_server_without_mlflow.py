@@ -84,6 +84,13 @@ def test_server_process_runs_without_mlflow_or_pandas(chat_model: Path):
     assert report["error_code"] == "INVALID_PARAMETER_VALUE"
 
 
+def test_server_environment_limits_malloc_heaps_unless_set(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert server_environment(None, API_KEY_ENV)["MALLOC_ARENA_MAX"] == "2"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert server_environment(None, API_KEY_ENV)["MALLOC_ARENA_MAX"] == "8"
+
+
 def test_errors_are_mlflow_exceptions_everywhere_else():
     from mlflow.exceptions import MlflowException
 
