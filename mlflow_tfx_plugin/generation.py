@@ -144,27 +144,33 @@ class TextGenerator:
         room = self.context_window - prompt_length
         return min(params.max_tokens or self.default_max_tokens, room)
 
-    def _generate_kwargs(self, params: GenerationParams, prompt_length: int) -> dict[str, Any]:
-        max_new = self.max_new_tokens(params, prompt_length)
+    def decoding_kwargs(self, params: GenerationParams, max_new: int) -> dict[str, Any]:
+        """``generate`` arguments for how one sequence's tokens are chosen: greedy or
+        sampled, ``max_new`` of them, and no end before ``max_new`` with ``ignore_eos``."""
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new,
             "do_sample": not params.greedy,
             "pad_token_id": self.tokenizer.pad_token_id,
-            "return_dict_in_generate": True,
         }
         if not params.greedy:
             kwargs.update(
                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0
             )
-            kwargs["num_return_sequences"] = params.n
         else:  # neutralize sampling defaults a checkpoint's generation_config may carry
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if params.ignore_eos:
+            kwargs["min_new_tokens"] = max_new
+        return kwargs
+
+    def _generate_kwargs(self, params: GenerationParams, prompt_length: int) -> dict[str, Any]:
+        max_new = self.max_new_tokens(params, prompt_length)
+        kwargs = {**self.decoding_kwargs(params, max_new), "return_dict_in_generate": True}
+        if not params.greedy:
+            kwargs["num_return_sequences"] = params.n
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if params.repetition_penalty is not None:
             kwargs["repetition_penalty"] = params.repetition_penalty
-        if params.ignore_eos:
-            kwargs["min_new_tokens"] = max_new
         return kwargs
 
     def _run(self, batch: Any, kwargs: dict[str, Any], seed: int | None) -> Any:

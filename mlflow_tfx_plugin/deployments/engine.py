@@ -579,24 +579,10 @@ class ContinuousBatchingEngine:
         return unsupported or (self.settings.greedy_only and not params.greedy)
 
     def _generate_kwargs(self, params: GenerationParams, max_new: int) -> dict[str, Any]:
-        """``generate`` arguments for a solo run, as :class:`TextGenerator` sets them."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new,
-            "eos_token_id": sorted(self._eos_ids) or None,
-            "pad_token_id": self.generator.tokenizer.pad_token_id,
-        }
-        if params.greedy:  # neutralize sampling defaults a checkpoint's generation_config may carry
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        else:
-            kwargs.update(
-                do_sample=True,
-                temperature=params.temperature,
-                top_k=params.top_k or 0,
-                top_p=params.top_p,
-            )
-        if params.ignore_eos:
-            kwargs["min_new_tokens"] = max_new
-        return kwargs
+        """``generate`` arguments for a solo run. No stop strings: ``_deltas`` cuts at them,
+        and a ``generate`` that ended at one would look like a run to hand off."""
+        eos = {"eos_token_id": sorted(self._eos_ids) or None}
+        return {**self.generator.decoding_kwargs(params, max_new), **eos}
 
     def _sampling_kwargs(self, params: GenerationParams) -> dict[str, Any]:
         if self.settings.greedy_only:
