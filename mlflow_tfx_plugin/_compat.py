@@ -6,6 +6,7 @@ one file to fix when it does.
 
 from __future__ import annotations
 
+from mlflow.models.utils import _contains_params as contains_params
 from mlflow.models.utils import _save_example as save_example
 from mlflow.store.artifact.utils.models import (
     get_model_name_and_version as get_model_name_and_version,
@@ -70,6 +71,7 @@ __all__ = [
     "REQUIREMENTS_FILE_NAME",
     "PythonEnv",
     "add_code_from_conf_to_system_path",
+    "contains_params",
     "download_artifact_from_uri",
     "get_flavor_configuration",
     "get_model_name_and_version",

@@ -250,3 +250,17 @@ def _read_json(path: Path) -> dict[str, Any]:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"Cannot read '{path}': {err}. Is the checkpoint complete?") from err
+
+
+def checked_base_model_path(path: str | os.PathLike[str]) -> Path:
+    """A local base checkpoint for a PEFT adapter: an existing directory with config.json."""
+    base = Path(path).absolute()
+    if not (base / "config.json").is_file():
+        what = "has no config.json" if base.is_dir() else "does not exist or is not a directory"
+        raise CheckpointError(
+            f"The base model path '{base}' {what}, so it is not a Transformers checkpoint. "
+            "Pass base_model_path= pointing to the base model's checkpoint directory (the one "
+            "the PEFT adapter was trained on).",
+            param="base_model_path",
+        )
+    return base

@@ -26,7 +26,7 @@ from mlflow.models import Model, ModelInputExample, ModelSignature, infer_signat
 from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
 
 from mlflow_tfx_plugin import _compat
-from mlflow_tfx_plugin.errors import InvalidInputError, TfxError
+from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.flavor_config import (
     FLAVOR_NAME,
     MODEL_DIR,
@@ -36,6 +36,7 @@ from mlflow_tfx_plugin.flavor_config import (
 )
 from mlflow_tfx_plugin.loading import (
     as_torch_dtype,
+    default_device,
     load_adapter,
     load_components,
     read_flavor_config,
@@ -70,6 +71,8 @@ def save_model(
     mlflow_model: Model | None = None,
     metadata: dict[str, Any] | None = None,
     convert_pickle_weights: bool = False,
+    model_card: Any = None,
+    base_model_path: str | os.PathLike[str] | None = None,
     validate_serving_input: bool = True,
     _hardlink_weights: bool = False,
 ) -> None:
@@ -90,7 +93,10 @@ def save_model(
         model_config: default call parameters, overridable per predict call via ``params``.
         prompt_template: a template with a ``{prompt}`` placeholder, applied at predict time.
         signature: the model signature; inferred per task when omitted.
-        input_example: an example input, saved with the model and used to infer the signature.
+        input_example: an example input, saved with the model and used to infer the signature;
+            ``(data, params)`` adds call parameters, as MLflow's other flavors take them. If it
+            does not run through the model, a warning says why and the task's default
+            signature is used.
         pip_requirements: override the default pip requirements.
         extra_pip_requirements: requirements added to the defaults.
         conda_env: a conda environment (dict or YAML path) instead of pip requirements.
@@ -99,6 +105,11 @@ def save_model(
         metadata: custom metadata stored in MLmodel.
         convert_pickle_weights: convert a checkpoint's ``*.bin`` weights to safetensors
             (loaded with ``torch.load(weights_only=True)``) instead of refusing them.
+        model_card: a ``huggingface_hub.ModelCard``, written as ``model_card.md`` and
+            ``model_card_data.yaml`` (default: the checkpoint's README.md, when there is one).
+        base_model_path: for a PEFT model, a local directory holding the base checkpoint:
+            only the adapter is saved and the base weights load from this path (override it
+            at load time with ``load_model(..., base_model_path=)``).
         validate_serving_input: accepted for ``Model.log``; validation happens there.
 
     Raises:
@@ -111,9 +122,21 @@ def save_model(
     """
     del validate_serving_input
     _compat.validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
+    if isinstance(conda_env, (str, os.PathLike)) and not os.path.isfile(conda_env):
+        raise InvalidInputError(
+            f"conda_env '{conda_env}' is not a file: pass the path of a conda YAML file, or the "
+            "environment as a dict.",
+            param="conda_env",
+        )
     source = resolve_source(
-        transformers_model, task=task, processor=processor, save_pretrained=save_pretrained
+        transformers_model,
+        task=task,
+        processor=processor,
+        save_pretrained=save_pretrained,
+        base_model_path=base_model_path,
     )
+    mlflow_model = mlflow_model or Model()
+    _check_metadata_task(mlflow_model.metadata or metadata, source)
     template = _validate_prompt_template(prompt_template, source.adapter)
     target = Path(path).absolute()
     _compat.validate_and_prepare_target_save_path(str(target))
@@ -121,7 +144,7 @@ def save_model(
         _save(
             source,
             target,
-            mlflow_model=mlflow_model or Model(),
+            mlflow_model=mlflow_model,
             options=_SaveOptions(
                 torch_dtype=_dtype_name(torch_dtype) or source.model_dtype,
                 model_config=dict(model_config or {}),
@@ -132,6 +155,7 @@ def save_model(
                 code_paths=code_paths,
                 hardlink=_hardlink_weights,
                 convert_pickle_weights=convert_pickle_weights,
+                model_card=model_card,
             ),
             env=(conda_env, pip_requirements, extra_pip_requirements),
         )
@@ -160,6 +184,8 @@ def log_model(
     await_registration_for: int = 300,
     metadata: dict[str, Any] | None = None,
     convert_pickle_weights: bool = False,
+    model_card: Any = None,
+    base_model_path: str | os.PathLike[str] | None = None,
     params: dict[str, Any] | None = None,
     tags: dict[str, Any] | None = None,
     model_type: str | None = None,
@@ -209,6 +235,8 @@ def log_model(
         conda_env=conda_env,
         code_paths=code_paths,
         convert_pickle_weights=convert_pickle_weights,
+        model_card=model_card,
+        base_model_path=base_model_path,
         # Validating the serving input would load the whole checkpoint we avoid loading.
         validate_serving_input=not is_checkpoint,
         _hardlink_weights=True,
@@ -221,6 +249,7 @@ def load_model(
     return_type: ReturnType = "pipeline",
     device: Any = None,
     torch_dtype: Any = None,
+    base_model_path: str | os.PathLike[str] | None = None,
     **from_pretrained_kwargs: Any,
 ) -> Any:
     """Load a model saved by this flavor (or by stock ``mlflow.transformers``) natively.
@@ -230,9 +259,12 @@ def load_model(
         dst_path: where to download the artifacts; a temporary directory by default.
         return_type: ``"pipeline"`` for a ready-to-call pipeline (the flavor's own runner
             for tasks transformers 5 dropped), ``"components"`` for a dict of ``model``,
-            ``tokenizer``, ... plus ``task``.
-        device: the device to load onto (``"cpu"``, ``"cuda:0"``, ``0``).
+            ``tokenizer``, ... plus ``task`` (and ``device`` when one is given).
+        device: the device to load onto (``"cpu"``, ``"cuda:0"``, ``0``; ``-1`` is the CPU,
+            as in transformers pipelines).
         torch_dtype: overrides the dtype saved with the model.
+        base_model_path: where the base checkpoint of a PEFT model saved with
+            ``base_model_path=`` lives now, if not where it was at save time.
         from_pretrained_kwargs: forwarded to ``from_pretrained`` (``device_map``,
             ``attn_implementation``, ``trust_remote_code``, ...).
 
@@ -246,17 +278,27 @@ def load_model(
         )
     local_path = Path(_compat.download_artifact_from_uri(model_uri, output_path=dst_path))
     config = read_flavor_config(local_path)
+    device = default_device(device)
     components = load_components(
-        local_path, config, device=device, torch_dtype=torch_dtype, **from_pretrained_kwargs
+        local_path,
+        config,
+        device=device,
+        torch_dtype=torch_dtype,
+        base_model_path=base_model_path,
+        **from_pretrained_kwargs,
     )
     if return_type == "components":
-        return {**components, "task": config.task}
+        return {
+            **components,
+            "task": config.task,
+            **({"device": device} if device is not None else {}),
+        }
     return get_adapter(config.task).build_runner(components)
 
 
 def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> TfxPyfuncModel:
     """Entry point for ``mlflow.pyfunc.load_model``: the model as a pyfunc predictor."""
-    return TfxPyfuncModel(load_adapter(path, model_config))
+    return TfxPyfuncModel(load_adapter(path, model_config, device=default_device(None)))
 
 
 def generate_signature_output(
@@ -281,6 +323,18 @@ def generate_signature_output(
     return adapter.predict(to_python(data), params)
 
 
+def autolog(**kwargs: Any) -> None:
+    """Turn on MLflow's transformers autologging (``mlflow.transformers.autolog``).
+
+    It logs ``Trainer`` runs through transformers' ``MLflowCallback`` and keeps the
+    sklearn/pytorch autologgers from logging sub-models during training. Takes the same
+    keyword arguments (``disable``, ``silent``, ...).
+    """
+    import mlflow.transformers
+
+    mlflow.transformers.autolog(**kwargs)
+
+
 @dataclass(frozen=True, kw_only=True)
 class _SaveOptions:
     """What save_model was asked to do besides writing the weights."""
@@ -294,6 +348,7 @@ class _SaveOptions:
     code_paths: list[str] | None
     hardlink: bool
     convert_pickle_weights: bool
+    model_card: Any = None
 
 
 def _save(
@@ -313,10 +368,11 @@ def _save(
         hardlink=options.hardlink,
         convert_pickle_weights=options.convert_pickle_weights,
     )
-    write_model_card(source.card_dir, path)
+    write_model_card(source.card_dir, path, options.model_card)
     config = source.flavor_config(weights=weights, torch_dtype=options.torch_dtype)
     _add_signature_and_example(source, path, mlflow_model, options)
     _add_flavors(mlflow_model, config, options, code_dir)
+    mlflow_model.model_size_bytes = _directory_size(path)
     mlflow_model.save(str(path / MLMODEL_FILE_NAME))
     _write_environment(path, source, *env)
 
@@ -332,32 +388,51 @@ def _add_signature_and_example(
         and source.components is not None
         and not issubclass(adapter, LLMAdapter)  # llm/v1 signatures are the OpenAI schemas
     ):
-        output = _example_output(source, options)
-        mlflow_model.signature = infer_signature(to_python(options.input_example), output)
-        mlflow_model.signature.params = adapter.params_schema(options.model_config)
+        mlflow_model.signature = _signature_from_example(source, options)
     else:
         mlflow_model.signature = adapter.default_signature(options.model_config)
     if options.input_example is not None:
         _compat.save_example(mlflow_model, options.input_example, str(path))
 
 
-def _example_output(source: ModelSource, options: _SaveOptions) -> Any:
+def _signature_from_example(source: ModelSource, options: _SaveOptions) -> ModelSignature | None:
+    """The signature of what the example gives; the task's default if it does not run.
+
+    An ``(data, params)`` example's params become the signature's param defaults, as
+    MLflow's ``infer_signature(data, output, params)`` makes them.
+    """
     adapter_cls = source.adapter
+    data, example_params = _split_example(options.input_example)
     runner = source.pipeline or adapter_cls.build_runner(source.components or {})
     adapter = adapter_cls(
-        runner, model_config=options.model_config, prompt_template=options.prompt_template
+        runner,
+        model_config=options.model_config,
+        prompt_template=options.prompt_template,
+        signature_params=example_params,
     )
+    probe = {k: v for k, v in adapter_cls.probe_params.items() if k not in options.model_config}
     try:
-        probe = {k: v for k, v in adapter_cls.probe_params.items() if k not in options.model_config}
-        return adapter.predict(to_python(options.input_example), probe)
-    except TfxError:
-        raise
+        output = adapter.predict(to_python(data), {**probe, **example_params})
     except Exception as err:
-        raise InvalidInputError(
-            f"Running the input_example through the model failed: {err}. Check that the example "
-            f"matches the '{adapter_cls.task}' input format, or pass `signature=` instead.",
-            param="input_example",
-        ) from err
+        _logger.warning(
+            "The input_example did not run through the '%s' model (%s), so the signature is the "
+            "task's default. Check that the example matches the task's input format, or pass "
+            "signature=.",
+            adapter_cls.task,
+            err,
+        )
+        return adapter_cls.default_signature(options.model_config)
+    signature = infer_signature(to_python(data), output)
+    signature.params = adapter_cls.params_schema({**options.model_config, **example_params})
+    return signature
+
+
+def _split_example(example: Any) -> tuple[Any, dict[str, Any]]:
+    """``(data, params)``, as MLflow's flavors take an example with params; else no params."""
+    if _compat.contains_params(example):
+        data, params = example
+        return data, dict(params or {})
+    return example, {}
 
 
 def _add_flavors(
@@ -413,6 +488,28 @@ def _write_environment(
     _compat.PythonEnv.current().to_yaml(str(path / _compat.PYTHON_ENV_FILE_NAME))
 
 
+def _check_metadata_task(metadata: Mapping[str, Any] | None, source: ModelSource) -> None:
+    """``metadata={"task": ...}`` must name the task the model is saved for, as stock requires.
+
+    Serving platforms read ``metadata.task`` to pick the OpenAI route, so a mismatch would
+    serve the model as something it is not.
+    """
+    declared = (metadata or {}).get("task")
+    if declared is None or declared in (source.inference_task, source.adapter.task):
+        return
+    saved_as = source.inference_task or source.native_task
+    raise InvalidInputError(
+        f"metadata['task'] is {declared!r} but the model is saved for task {saved_as!r}. Pass the "
+        f"task explicitly, e.g. log_model(..., task={declared!r}), or drop metadata['task'].",
+        param="metadata",
+    )
+
+
+def _directory_size(path: Path) -> int:
+    """Bytes of every file under ``path``: MLmodel's ``model_size_bytes``, shown by the UI."""
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
 def _validate_prompt_template(template: str | None, adapter: type[TaskAdapter]) -> str | None:
     if template is None:
         return None
@@ -441,6 +538,7 @@ def _dtype_name(dtype: Any) -> str | None:
 __all__ = [
     "FLAVOR_NAME",
     "MODEL_DIR",
+    "autolog",
     "generate_signature_output",
     "load_model",
     "log_model",

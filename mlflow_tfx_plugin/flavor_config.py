@@ -17,6 +17,8 @@ STOCK_FLAVOR_NAME = "transformers"
 MODEL_DIR = "model"
 PEFT_DIR = "peft"
 STOCK_COMPONENTS_DIR = "components"
+#: Where stock ``mlflow.transformers`` before 2.4.1 saved the model (no ``model_binary`` key).
+OLD_STOCK_MODEL_DIR = "pipeline"
 #: MLmodel metadata key of the model's prompt template.
 PROMPT_TEMPLATE_KEY = "prompt_template"
 
@@ -38,6 +40,9 @@ class FlavorConfig:
     model_dir: str = MODEL_DIR
     peft_adapter_dir: str | None = None
     base_model_name: str | None = None
+    #: For a PEFT adapter saved with ``base_model_path=``: the local base checkpoint it
+    #: loads onto (its weights are not in the model).
+    local_base_model_path: str | None = None
     #: Per-task settings read at save time, e.g. embedding pooling.
     task_options: dict[str, Any] = field(default_factory=dict)
     weights: list[WeightEntry] = field(default_factory=list)
@@ -78,6 +83,8 @@ class FlavorConfig:
             for name in stock_components:
                 data[f"{name}_name"] = self.source_model_name
                 data[f"{name}_revision"] = self.source_model_revision
+        elif self.local_base_model_path:
+            data["local_base_model_path"] = self.local_base_model_path
         else:
             data["model_binary"] = self.model_dir
         for name in stock_components:
@@ -99,20 +106,26 @@ class FlavorConfig:
         if "processor_type" in data:
             components["processor"] = data["processor_type"]
         model_binary = data.get("model_binary")
+        local_base = data.get("local_base_model_path")
         inference_task = data.get("inference_task") or (metadata or {}).get("task")
+        # Stock's own order: a local base path, else a Hub reference if a revision is
+        # recorded, else saved weights (``pipeline/`` before MLflow 2.4.1 wrote model_binary).
+        reference_only = not local_base and "source_model_revision" in data and not model_binary
+        old_layout = not (model_binary or local_base or reference_only)
         return StockFlavorConfig(
             task=data["task"],
             inference_task=inference_task if str(inference_task).startswith("llm/v1") else None,
             source_model_name=data.get("source_model_name"),
             source_model_revision=data.get("source_model_revision"),
-            reference_only=model_binary is None,
+            reference_only=reference_only,
             torch_dtype=data.get("torch_dtype"),
             pipeline_class=data.get("instance_type"),
             model_class=data.get("pipeline_model_type"),
             components=components,
             transformers_version=data.get("transformers_version"),
-            model_dir=model_binary or MODEL_DIR,
+            model_dir=model_binary or (OLD_STOCK_MODEL_DIR if old_layout else MODEL_DIR),
             peft_adapter_dir=data.get("peft_adaptor"),
+            local_base_model_path=local_base,
         )
 
     @property

@@ -11,6 +11,7 @@ and reads the MLmodel file with PyYAML (see :mod:`mlflow_tfx_plugin.errors`).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import yaml
 
 from mlflow_tfx_plugin import components as comp
+from mlflow_tfx_plugin.checkpoint import checked_base_model_path
 from mlflow_tfx_plugin.errors import InvalidInputError, ModelNotFoundError
 from mlflow_tfx_plugin.flavor_config import (
     FLAVOR_NAME,
@@ -123,12 +125,17 @@ def load_components(
     *,
     device: Any = None,
     torch_dtype: Any = None,
+    base_model_path: str | os.PathLike[str] | None = None,
     **from_pretrained_kwargs: Any,
 ) -> dict[str, Any]:
-    """Load the model (with its PEFT adapter) and preprocessors of a saved model."""
+    """Load the model (with its PEFT adapter) and preprocessors of a saved model.
+
+    ``base_model_path`` moves the local base checkpoint of a PEFT adapter saved with
+    ``base_model_path=`` (e.g. another mount point than at save time).
+    """
     trust_remote_code = bool(from_pretrained_kwargs.pop("trust_remote_code", False))
     model = _load_model(
-        _weights_location(model_path, config),
+        _weights_location(model_path, config, base_model_path),
         config,
         device=device,
         torch_dtype=torch_dtype,
@@ -140,8 +147,19 @@ def load_components(
     return {comp.MODEL: model, **_load_preprocessors(model_path, config, trust_remote_code)}
 
 
-def _weights_location(model_path: Path, config: FlavorConfig) -> str | Path:
-    """The saved checkpoint, or for a reference-only model its repo id (pinned by _load_model)."""
+def _weights_location(
+    model_path: Path, config: FlavorConfig, base_model_path: str | os.PathLike[str] | None = None
+) -> str | Path:
+    """The saved checkpoint, the local base checkpoint of a PEFT adapter, or for a
+    reference-only model its repo id (pinned by _load_model)."""
+    if base_model_path is not None and not config.local_base_model_path:
+        raise InvalidInputError(
+            "base_model_path applies only to PEFT models saved with base_model_path=; the model "
+            f"at '{model_path}' carries its own weights. Drop the argument.",
+            param="base_model_path",
+        )
+    if config.local_base_model_path:
+        return checked_base_model_path(base_model_path or config.local_base_model_path)
     if not config.reference_only:
         return model_path / config.model_dir
     if not config.source_model_name or not config.source_model_revision:
@@ -168,7 +186,7 @@ def _load_model(
     if dtype is not None:
         kwargs["dtype"] = as_torch_dtype(dtype)
     if device is not None and "device_map" not in kwargs:
-        kwargs["device_map"] = device
+        kwargs["device_map"] = as_device_map(device)
     if config.reference_only:  # never a moving branch: the commit recorded at log time
         kwargs["revision"] = config.source_model_revision
     try:
@@ -226,3 +244,43 @@ def as_torch_dtype(dtype: Any) -> Any:
             param="torch_dtype",
         )
     return value
+
+
+def as_device_map(device: Any) -> Any:
+    """A ``from_pretrained`` device map from a device as pipelines take it.
+
+    transformers pipelines use ``-1`` for the CPU and ``0, 1, ...`` for GPUs; ``device_map``
+    takes the GPU numbers and device names but not ``-1``.
+    """
+    if isinstance(device, str) and device.lstrip("-").isdigit():
+        device = int(device)
+    if isinstance(device, int) and not isinstance(device, bool):
+        if device < -1:
+            raise InvalidInputError(
+                f"device={device} is not a device: use -1 (or 'cpu') for the CPU, or a GPU "
+                "number (0, 1, ...).",
+                param="device",
+            )
+        return "cpu" if device == -1 else device
+    return device
+
+
+#: Environment variable stock ``mlflow.transformers`` reads for the default device.
+DEFAULT_DEVICE_ENV = "MLFLOW_DEFAULT_PREDICTION_DEVICE"
+
+
+def is_gpu_available() -> bool:
+    """Whether torch sees a CUDA GPU (as ``mlflow.transformers.is_gpu_available``)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def default_device(device: Any) -> Any:
+    """The device to load onto when the caller gave none, as stock chooses it:
+    ``$MLFLOW_DEFAULT_PREDICTION_DEVICE``, else GPU 0 when there is one, else the CPU."""
+    if device is not None:
+        return device
+    if value := os.environ.get(DEFAULT_DEVICE_ENV):
+        return value
+    return 0 if is_gpu_available() else None

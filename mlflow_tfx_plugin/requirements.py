@@ -45,6 +45,17 @@ def get_default_pip_requirements(
     return [_plugin_requirement(), *(_pinned(name) for name in packages)]
 
 
+def get_default_conda_env(model: Any = None) -> dict[str, Any]:
+    """The default conda environment for a model saved by this flavor: Python plus
+    :func:`get_default_pip_requirements`.
+
+    Example:
+        >>> get_default_conda_env()["dependencies"][-1]  # doctest: +SKIP
+        {'pip': ['mlflow==3.17.2', 'mlflow-tfx-plugin==0.1.0', 'transformers==5.24.0', ...]}
+    """
+    return _compat.mlflow_conda_env(additional_pip_deps=get_default_pip_requirements(model))
+
+
 def _pinned(name: str) -> str:
     try:
         return _compat.get_pinned_requirement(name)

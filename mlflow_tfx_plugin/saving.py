@@ -21,6 +21,7 @@ from mlflow_tfx_plugin.checkpoint import (
     TOKENIZER_FILES,
     CheckpointInfo,
     WeightEntry,
+    checked_base_model_path,
     copy_checkpoint,
     hash_weight_files,
     inspect_checkpoint,
@@ -71,6 +72,9 @@ class ModelSource:
     reference: HubReference | None = None
     #: For a Hub repo id input: the downloaded small files (config, tokenizer, ...).
     small_files_dir: Path | None = None
+    #: For a PEFT model saved with ``base_model_path=``: the local base checkpoint, whose
+    #: weights are referenced, not saved.
+    local_base_model_path: Path | None = None
 
     @property
     def model_dtype(self) -> str | None:
@@ -117,6 +121,9 @@ class ModelSource:
             components=self.component_classes,
             peft_adapter_dir=PEFT_DIR if self.is_peft else None,
             base_model_name=self.base_model_name,
+            local_base_model_path=(
+                str(self.local_base_model_path) if self.local_base_model_path else None
+            ),
             weights=weights,
         )
 
@@ -127,11 +134,13 @@ def resolve_source(
     task: str | None,
     processor: Any = None,
     save_pretrained: bool = True,
+    base_model_path: str | os.PathLike[str] | None = None,
 ) -> ModelSource:
     """Validate the model argument and the task; nothing is written yet.
 
     ``save_pretrained=False`` (or a Hub repo id string) makes a reference-only source: the
-    weights stay on the Hub, pinned to the commit they came from.
+    weights stay on the Hub, pinned to the commit they came from. ``base_model_path`` (PEFT
+    models only) keeps the adapter and references a local base checkpoint instead.
 
     Raises:
         InvalidInputError: unsupported model type, unknown task, or a task the model
@@ -161,7 +170,21 @@ def resolve_source(
             "local checkpoint directory, or a Hub repo id ('org/name[@revision]').",
             param="transformers_model",
         )
+    if base_model_path is not None:
+        return _with_local_base(source, base_model_path)
     return source if save_pretrained else _as_reference(source, None)
+
+
+def _with_local_base(source: ModelSource, base_model_path: str | os.PathLike[str]) -> ModelSource:
+    if not source.is_peft:
+        raise InvalidInputError(
+            "base_model_path is only supported for PEFT models (it saves the adapter and "
+            f"references the base weights); this is a {source.model_class}. Drop the argument "
+            "to save the whole model.",
+            param="base_model_path",
+        )
+    source.local_base_model_path = checked_base_model_path(base_model_path)
+    return source
 
 
 def _as_reference(source: ModelSource, checkpoint_path: Path | None) -> ModelSource:
@@ -192,6 +215,8 @@ def write_model_files(
     model_dir = path / MODEL_DIR
     if source.reference is not None:
         weights = _write_reference_files(source, path)
+    elif source.local_base_model_path is not None:
+        weights = _write_adapter_only(source, path)
     elif source.checkpoint is not None:
         weights = copy_checkpoint(
             source.checkpoint,
@@ -329,6 +354,16 @@ def _write_reference_files(source: ModelSource, path: Path) -> list[WeightEntry]
     else:
         _copy_small_files(source.small_files_dir or source.checkpoint.path, model_dir)  # type: ignore[union-attr]
     return weight_manifest(source.reference)
+
+
+def _write_adapter_only(source: ModelSource, path: Path) -> list[WeightEntry]:
+    """The PEFT adapter in ``peft/`` and the preprocessors in ``model/``; no base weights."""
+    components = source.components or {}
+    (path / MODEL_DIR).mkdir(parents=True, exist_ok=True)
+    others = {name: value for name, value in components.items() if name != comp.MODEL}
+    comp.save_components(others, path / MODEL_DIR)
+    components[comp.MODEL].save_pretrained(str(path / PEFT_DIR))
+    return []
 
 
 def _copy_small_files(source_dir: Path, model_dir: Path) -> None:

@@ -124,13 +124,27 @@ def test_pickle_weights_convert_when_asked(tiny_gpt2_dir: Path, tmp_path: Path):
     assert pipe("Hello", **kwargs) == reference("Hello", **kwargs)
 
 
-def test_failure_after_writing_started_removes_directory(tiny_gpt2_dir: Path, tmp_path: Path):
+def test_failure_after_writing_started_removes_directory(
+    tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     pipe = transformers.pipeline("text-generation", model=str(tiny_gpt2_dir))
     target = tmp_path / "saved"
-    with pytest.raises(InvalidInputError, match="to be a string"):
-        # A zero-shot style dict is not text-generation input: fails while inferring the signature.
-        tfx.save_model(pipe, target, input_example={"sequences": "a", "candidate_labels": ["b"]})
+
+    def disk_full(path: Path, *args: Any) -> None:  # a full disk cannot be made here: simulated
+        assert (path / "model" / "model.safetensors").is_file(), "the weights were written"
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mlflow_tfx_plugin.flavor._write_environment", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        tfx.save_model(pipe, target)
     assert not target.exists()
+
+
+def test_conda_env_path_that_does_not_exist_is_named(tiny_gpt2_dir: Path, tmp_path: Path):
+    with pytest.raises(InvalidInputError, match="conda_env") as info:
+        tfx.save_model(tiny_gpt2_dir, tmp_path / "saved", conda_env=str(tmp_path / "env.yaml"))
+    assert info.value.param == "conda_env"
+    assert not (tmp_path / "saved").exists()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ accepts, and how to shape the output. It knows nothing about storage.
 from __future__ import annotations
 
 import json
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,27 @@ GENERATION_PARAMS: dict[str, str] = {
     "num_beams": "long",
     "repetition_penalty": "double",
     "no_repeat_ngram_size": "long",
+}
+
+#: The smallest value each numeric call parameter may take, and whether it is excluded.
+#: transformers accepts some out-of-range values and then fails deep inside ``generate``
+#: (``num_beams=0`` divides by zero), so they are checked before the call.
+_PARAM_MINIMUM: dict[str, tuple[float, bool]] = {
+    "max_new_tokens": (0, True),
+    "max_length": (0, True),
+    "min_new_tokens": (0, False),
+    "temperature": (0, False),
+    "top_k": (0, False),
+    "top_p": (0, False),
+    "num_beams": (0, True),
+    "repetition_penalty": (0, True),
+    "no_repeat_ngram_size": (0, False),
+}
+_PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "long": (numbers.Integral,),
+    "double": (numbers.Real,),
+    "boolean": (bool,),
+    "string": (str,),
 }
 
 Components = dict[str, Any]
@@ -156,7 +178,34 @@ class TaskAdapter(ABC):
                 "model.",
                 param=unknown[0],
             )
-        return {**self.model_config, **given}
+        resolved = {**self.model_config, **given}
+        for name, value in resolved.items():
+            self._check_param(name, value)
+        return resolved
+
+    def _check_param(self, name: str, value: Any) -> None:
+        """A declared call parameter has its MLflow type and a value the model can take."""
+        dtype = self.call_params.get(name)
+        types = _PARAM_TYPES.get(dtype or "")
+        # bool is an int in Python, but a number param given True is a mistake worth naming.
+        if types and (
+            not isinstance(value, types) or (dtype != "boolean" and isinstance(value, bool))
+        ):
+            raise InvalidInputError(
+                f"Parameter '{name}' must be of type {dtype}, got {_describe(value)}.", param=name
+            )
+        minimum, exclusive = _PARAM_MINIMUM.get(name, (None, False))
+        if minimum is None or not isinstance(value, (int, float)):
+            return
+        if value <= minimum if exclusive else value < minimum:
+            bound = f"greater than {minimum}" if exclusive else f"at least {minimum}"
+            raise InvalidInputError(
+                f"Parameter '{name}' must be {bound}, got {value!r}.", param=name
+            )
+        if name == "top_p" and value > 1:
+            raise InvalidInputError(
+                f"Parameter 'top_p' must be at most 1, got {value!r}.", param="top_p"
+            )
 
     def apply_prompt_template(self, texts: list[str]) -> list[str]:
         if not self.prompt_template:
@@ -166,6 +215,26 @@ class TaskAdapter(ABC):
     @abstractmethod
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> Any:
         """Run the task on pyfunc input with the resolved call parameters."""
+
+
+def call_runner(runner: Any, inputs: Any, call_kwargs: Mapping[str, Any], *, task: str) -> Any:
+    """Call a pipeline or runner with the resolved call parameters.
+
+    transformers reports parameters a model cannot use (a ``model_config`` key that is no
+    generation argument, a value ``generate`` refuses) with a ``ValueError``; that is the
+    caller's mistake, so it becomes an :class:`InvalidInputError` naming the parameters.
+    """
+    try:
+        return runner(inputs, **call_kwargs)
+    except ValueError as err:
+        if isinstance(err, InvalidInputError) or not call_kwargs:
+            raise
+        raise InvalidInputError(
+            f"The '{task}' model rejected the call parameters "
+            f"{ {k: call_kwargs[k] for k in sorted(call_kwargs)} }: {err} Pass only parameters "
+            "the model's generate() accepts, with valid values.",
+            param=next((name for name in sorted(call_kwargs) if name in str(err)), None),
+        ) from err
 
 
 def string_schema() -> Schema:
@@ -212,6 +281,12 @@ def as_text_list(data: Any, *, field: str = "inputs") -> tuple[list[str], bool]:
     if isinstance(data, Mapping):
         return [_single_text(data, field)], True
     if isinstance(data, list) and data:
+        if len({isinstance(item, str) for item in data}) > 1:
+            raise InvalidInputError(
+                f"'{field}' mixes strings and other values ({_describe(data)}); send a list of "
+                "strings, or a list of records with one string field each.",
+                param=field,
+            )
         return [_single_text(item, field) for item in data], False
     raise InvalidInputError(
         f"Expected a string or a non-empty list of strings for '{field}', got {_describe(data)}.",

@@ -11,6 +11,7 @@ from mlflow_tfx_plugin.tasks.base import (
     TaskAdapter,
     as_records,
     as_text_list,
+    call_runner,
     column_schema,
     maybe_json,
     require_string,
@@ -29,7 +30,13 @@ class TextGenerationAdapter(TaskAdapter):
     pipeline_class = "TextGenerationPipeline"
     model_mappings = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",)
     auto_model_class = "AutoModelForCausalLM"
-    call_params: ClassVar[dict[str, str]] = {**GENERATION_PARAMS, "return_full_text": "boolean"}
+    call_params: ClassVar[dict[str, str]] = {
+        **GENERATION_PARAMS,
+        "return_full_text": "boolean",
+        # stock mlflow.transformers' model_config keys: prompt in the output, whitespace runs
+        "include_prompt": "boolean",
+        "collapse_whitespace": "boolean",
+    }
     supports_prompt_template = True
     probe_params: ClassVar[dict[str, Any]] = {"max_new_tokens": 8}
     default_input_example = "Hello, my name is"
@@ -37,9 +44,14 @@ class TextGenerationAdapter(TaskAdapter):
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
         texts, _ = as_text_list(data)
         prompts = self.apply_prompt_template(texts)
-        call_kwargs.setdefault("return_full_text", False)
-        outputs = self.runner(prompts, **call_kwargs)
-        return [_first(output)["generated_text"] for output in outputs]
+        include_prompt = call_kwargs.pop("include_prompt", False)
+        collapse_whitespace = call_kwargs.pop("collapse_whitespace", False)
+        call_kwargs.setdefault("return_full_text", include_prompt)
+        outputs = call_runner(self.runner, prompts, call_kwargs, task=self.task)
+        generated = [_first(output)["generated_text"] for output in outputs]
+        if collapse_whitespace:
+            generated = [" ".join(text.split()) for text in generated]
+        return generated
 
 
 class FillMaskAdapter(TaskAdapter):
