@@ -1,6 +1,6 @@
 """The deployment server, driven by the real ``openai`` client over real HTTP.
 
-Each server is the real ``python -m mlflow_tfx_plugin.deployments.server`` process (what
+Each server is the real ``python -m mlflow_tfx_plugin.deployments.listener`` process (what
 ``mlflow deployments create -t tfx`` starts), on 127.0.0.1, stopped by its fixture. The
 CLI lifecycle is tested in ``test_deployments_cli.py``.
 """
@@ -54,7 +54,7 @@ def serve(model_dir: Path, log: Path, name: str = "tiny", **config: object) -> I
     port = free_port()
     config = {"port": port, **config}
     env = {**server_environment(API_KEY, API_KEY_ENV), "HF_HUB_OFFLINE": "1"}  # as the target does
-    cmd = [sys.executable, "-m", "mlflow_tfx_plugin.deployments.server"]
+    cmd = [sys.executable, "-m", "mlflow_tfx_plugin.deployments.listener"]
     cmd += ["--model-dir", str(model_dir), "--name", name, "--config-json", json.dumps(config)]
     with log.open("wb") as sink:
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)

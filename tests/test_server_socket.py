@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from mlflow_tfx_plugin.deployments.listener import listening_socket, steer_new_connections_to
 from mlflow_tfx_plugin.deployments.process import free_port
-from mlflow_tfx_plugin.deployments.server import _listening_socket, _steer_new_connections_to
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT steering is Linux")
 
@@ -27,11 +27,11 @@ def _accept_all(sock: socket.socket) -> int:
 
 def test_new_server_takes_every_new_connection_and_keeps_them_after_the_old_one_leaves():
     port = free_port()
-    old = _listening_socket("127.0.0.1", port)
+    old = listening_socket("127.0.0.1", port)
     old.listen(64)
-    new = _listening_socket("127.0.0.1", port)
+    new = listening_socket("127.0.0.1", port)
     new.listen(64)
-    _steer_new_connections_to(new)
+    steer_new_connections_to(new)
     clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
     try:
         # Without steering the kernel spreads connections by hash: the old one gets ~half,

@@ -4,7 +4,7 @@ MLflow's plugin loader requires ``run_local``, ``target_help`` and exactly one
 ``BaseDeploymentClient`` subclass in this module's namespace; keep it that way.
 
 The three names are imported on first use: the deployment server process imports
-``mlflow_tfx_plugin.deployments.server``, which must not import MLflow through the
+``mlflow_tfx_plugin.deployments.listener``, which must not import MLflow through the
 client. MLflow's loader finds them all the same (it lists them with ``dir()``).
 """
 

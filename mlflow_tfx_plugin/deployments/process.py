@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 import requests
 
+from mlflow_tfx_plugin.deployments.listener import listening_socket
 from mlflow_tfx_plugin.errors import SERVER_PROCESS_ENV, InvalidInputError, TfxError
 
 STARTUP_TIMEOUT_ENV = "MLFLOW_TFX_STARTUP_TIMEOUT"
@@ -32,7 +33,7 @@ STARTUP_TIMEOUT_ENV = "MLFLOW_TFX_STARTUP_TIMEOUT"
 DEFAULT_STARTUP_TIMEOUT = 600.0
 STOP_GRACE_SECONDS = 30.0
 LOG_TAIL_LINES = 40
-SERVER_MODULE = "mlflow_tfx_plugin.deployments.server"
+SERVER_MODULE = "mlflow_tfx_plugin.deployments.listener"
 
 
 @dataclass(frozen=True)
@@ -124,29 +125,24 @@ def check_port_free(host: str, port: int, *, shared: bool = False) -> None:
     Raises:
         InvalidInputError: the port is taken (or the address is not local).
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # As servers do (uvicorn too): a port whose old connections linger in TIME_WAIT is
-        # free; one that something listens on is not.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if shared and hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as err:
-            if shared:
-                raise InvalidInputError(
-                    f"Cannot listen on {host}:{port} beside the running server ({err.strerror}); "
-                    "a server started by an older version of the plugin does not share its "
-                    "port. Pass -C port=... to move to another port, or delete and create "
-                    "the deployment again.",
-                    param="port",
-                ) from err
+    try:
+        # Bound as the server binds (SO_REUSEADDR, as uvicorn does: a port whose old
+        # connections linger in TIME_WAIT is free; one that something listens on is not).
+        listening_socket(host, port, reuse_port=shared).close()
+    except OSError as err:
+        if shared:
             raise InvalidInputError(
-                f"Cannot listen on {host}:{port} ({err.strerror}). Choose another -C port=..., "
-                "or leave port out to get a free one.",
+                f"Cannot listen on {host}:{port} beside the running server ({err.strerror}); "
+                "a server started by an older version of the plugin does not share its "
+                "port. Pass -C port=... to move to another port, or delete and create "
+                "the deployment again.",
                 param="port",
             ) from err
+        raise InvalidInputError(
+            f"Cannot listen on {host}:{port} ({err.strerror}). Choose another -C port=..., "
+            "or leave port out to get a free one.",
+            param="port",
+        ) from err
 
 
 def client_host(host: str) -> str:

@@ -1,8 +1,7 @@
-"""The deployment server: OpenAI-compatible routes over one model (FastAPI + uvicorn).
+"""The deployment server's FastAPI app: OpenAI-compatible routes over one model.
 
-Run by the ``tfx`` target as ``python -m mlflow_tfx_plugin.deployments.server --model-dir
-DIR --name NAME --config-json '{...}'``; the API key, when there is one, comes from the
-``MLFLOW_TFX_API_KEY`` environment variable, never from the command line.
+:func:`create_app` builds it; :mod:`mlflow_tfx_plugin.deployments.listener` runs it (socket,
+uvicorn, port hand-over).
 
 Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
 ``/invocations`` (the ``mlflow models serve`` payloads); ``GET /v1/models``, ``/health``
@@ -11,15 +10,11 @@ Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import ctypes
 import json
 import logging
 import os
 import secrets
-import socket
-import struct
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -29,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
@@ -40,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, DeploymentConfig
 from mlflow_tfx_plugin.deployments.engine import EngineError
-from mlflow_tfx_plugin.deployments.metrics import ServerMetrics
+from mlflow_tfx_plugin.deployments.metrics import MetricsMiddleware, ServerMetrics
 from mlflow_tfx_plugin.deployments.service import (
     LoadOptions,
     ServedModel,
@@ -53,11 +47,8 @@ from mlflow_tfx_plugin.errors import InvalidInputError, UnsupportedTaskError
 _logger = logging.getLogger("mlflow_tfx_plugin.server")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-SHUTDOWN_DEADLINE_S = float(os.environ.get("MLFLOW_TFX_SHUTDOWN_TIMEOUT", "30"))
 _PASSTHROUGH_KEYS = {"messages": "chat", "prompt": "completions", "input": "embeddings"}
 _PYFUNC_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
-_SO_ATTACH_REUSEPORT_CBPF = 51  # Linux <asm-generic/socket.h>
-_BPF_RET_K = 0x06  # BPF_RET | BPF_K: return the constant k
 
 
 class JSONResponse(starlette_responses.JSONResponse):
@@ -144,7 +135,7 @@ def create_app(
 
     app = FastAPI(title=f"tfx deployment {name}", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.tfx = state
-    app.add_middleware(_MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     _add_error_handlers(app)
     _add_routes(app, state)
     return app
@@ -341,7 +332,7 @@ async def _invocations(state: ServerState, body: dict[str, Any]) -> Response:
     if passthrough == "embeddings" and served.embeddings is not None:
         return await _embeddings(state, body)
     data = _pyfunc_input(body)
-    predictions = await _with_timeout(state, served.predict(data))
+    predictions = await _with_timeout(state, served.predict(data, body.get("params")))
     for prediction in predictions if isinstance(predictions, list) else [predictions]:
         if isinstance(prediction, dict):
             _count_tokens(state, prediction)
@@ -530,144 +521,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(item) for item in value]
     return value
-
-
-class _MetricsMiddleware:
-    """Counts requests by route and status, and times them (a pure ASGI middleware, so
-    streaming responses and client disconnects pass through untouched)."""
-
-    _ROUTES = (
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/models",
-        "/invocations",
-        "/health",
-        "/metrics",
-    )
-
-    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        route = scope["path"] if scope["path"] in self._ROUTES else "other"
-        started, status = time.perf_counter(), 500
-
-        async def send_and_record(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-
-
-def serve(
-    name: str,
-    model_dir: Path,
-    config: DeploymentConfig,
-    *,
-    api_key: str | None = None,
-    listen_after_load: bool = False,
-) -> int:
-    """Serve in the foreground until SIGINT/SIGTERM; returns the process exit code."""
-    if config.port is None:
-        raise InvalidInputError("The server needs a port.", param="port")
-    app = create_app(
-        name, config, model_dir=model_dir, api_key=api_key, listen_after_load=listen_after_load
-    )
-    server = _Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level="info",
-            access_log=False,
-            timeout_graceful_shutdown=int(SHUTDOWN_DEADLINE_S),
-        ),
-        takes_over_port=listen_after_load,
-    )
-    state: ServerState = app.state.tfx
-    state.stop_server = lambda: setattr(server, "should_exit", True)
-    _logger.info("Serving %s from %s on http://%s:%d", name, model_dir, config.host, config.port)
-    server.run(sockets=[_listening_socket(config.host, config.port)])
-    # 1 when the model failed to load, or uvicorn never started (it logged why)
-    return 1 if state.load_error or not server.started else 0
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server; when it replaces another one on the port, it takes all new connections."""
-
-    def __init__(self, config: uvicorn.Config, *, takes_over_port: bool) -> None:
-        super().__init__(config)
-        self.takes_over_port = takes_over_port
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.takes_over_port and self.started:
-            for sock in sockets or ():
-                _steer_new_connections_to(sock)
-
-
-def _steer_new_connections_to(sock: socket.socket) -> None:
-    """Make the kernel hand every new connection on the port to ``sock``, the newest listener.
-
-    The old server of an update then gets nothing new while it drains, so no connection is
-    left in its accept queue when it closes (Linux resets those). The one-instruction
-    program returns index 1 of the port's SO_REUSEPORT group: the socket that joined second,
-    this one. Once the old server has left, index 1 is out of range and the kernel falls
-    back to its hash, so later updates work the same way.
-    """
-    return_one = struct.pack("@HBBI", _BPF_RET_K, 0, 0, 1)  # struct sock_filter
-    program = ctypes.create_string_buffer(return_one)
-    fprog = struct.pack("@HP", 1, ctypes.addressof(program))  # struct sock_fprog
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
-    except OSError as err:  # not Linux, or an old kernel: connections are shared by hash
-        _logger.warning("Could not take over new connections on the port: %s", err)
-
-
-def _listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound with SO_REUSEPORT, so that an updated deployment's new server can
-    listen on the same port while the old one drains: the URL never changes."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--config-json", default="{}")
-    parser.add_argument(
-        "--listen-after-load",
-        action="store_true",
-        help="accept connections only once the model is ready (when sharing a port)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    config = DeploymentConfig(**json.loads(args.config_json))
-    api_key = os.environ.get(API_KEY_ENV) or None
-    return serve(
-        args.name, args.model_dir, config, api_key=api_key, listen_after_load=args.listen_after_load
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

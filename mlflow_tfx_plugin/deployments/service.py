@@ -235,14 +235,20 @@ class ServedModel:
 
     # -- other tasks --------------------------------------------------------------------
 
-    async def predict(self, data: Any) -> Any:
-        """Any task, the way ``mlflow models serve`` runs it (one call at a time)."""
+    async def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> Any:
+        """Any task, the way ``mlflow models serve`` runs it (one call at a time), with the
+        payload's ``params``."""
+        if params is not None and not isinstance(params, Mapping):
+            raise InvalidInputError(
+                f"'params' must be an object of call parameters, got {type(params).__name__}.",
+                param="params",
+            )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._predict, to_python(data))
+        return await loop.run_in_executor(self._executor, self._predict, to_python(data), params)
 
-    def _predict(self, data: Any) -> Any:
+    def _predict(self, data: Any, params: Mapping[str, Any] | None) -> Any:
         with self._exclusive():
-            return self.adapter.predict(data)
+            return self.adapter.predict(data, params)
 
     def _exclusive(self) -> AbstractContextManager[Any]:
         """Model calls outside the generation engine must not overlap its steps."""
