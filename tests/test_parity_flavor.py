@@ -63,6 +63,16 @@ def test_invalid_generation_parameter_is_an_invalid_input_error(
     assert info.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
+def test_seq2seq_generation_parameters_are_checked_too(tiny_t5_dir: Path, tmp_path: Path):
+    tfx.save_model(tiny_t5_dir, tmp_path / "m")
+    model = tfx._load_pyfunc(str(tmp_path / "m"))
+
+    with pytest.raises(InvalidInputError, match="greater than 0"):
+        model.predict("hello", {"num_beams": 0})
+    with pytest.raises(InvalidInputError, match="rejected the call parameters"):
+        model.predict("hello", {"max_new_tokens": 2, "do_sample": True, "temperature": 0.0})
+
+
 def test_model_config_key_generate_does_not_take_is_named(gpt2_pipe: Any, tmp_path: Path):
     """transformers' "model_kwargs are not used by the model" ValueError becomes ours."""
     tfx.save_model(gpt2_pipe, tmp_path / "m", model_config={"max_new_tokens": 2, "foo": 1})

@@ -7,6 +7,8 @@ accepts, and how to shape the output. It knows nothing about storage.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import numbers
 from abc import ABC, abstractmethod
@@ -361,6 +363,27 @@ def maybe_json(value: Any, field: str) -> Any:
             f"Field '{field}' must be a JSON object or list, or a string holding one: {err}.",
             param=field,
         ) from err
+
+
+def decode_base64(data: str | bytes) -> bytes | None:
+    """The bytes that base64 ``data`` encodes, or None when it is not base64.
+
+    Accepts what stock MLflow and transformers accept (``base64.decodebytes``): line breaks
+    (``base64.encodebytes`` output) and a ``data:<mime>;base64,`` prefix.
+    """
+    try:
+        raw = data.encode("ascii") if isinstance(data, str) else bytes(data)
+    except UnicodeEncodeError:
+        return None
+    if raw.startswith(b"data:") and b";base64," in raw[:100]:
+        raw = raw.split(b",", 1)[1]
+    compact = b"".join(raw.split())
+    if not compact or len(compact) % 4:
+        return None
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _describe(value: Any) -> str:

@@ -10,12 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.tasks.base import (
     GENERATION_PARAMS,
     Components,
     Runner,
     TaskAdapter,
     as_text_list,
+    call_runner,
 )
 
 
@@ -25,9 +27,12 @@ class Seq2SeqRunner(Runner):
 
     output_key: str = "generated_text"
 
-    def __call__(self, texts: list[str], **generate_kwargs: Any) -> list[dict[str, str]]:
+    def __call__(self, texts: str | list[str], **generate_kwargs: Any) -> list[dict[str, str]]:
+        """One dict per text; a single string gives a list of one, as the removed pipelines
+        did."""
         import torch
 
+        texts = [texts] if isinstance(texts, str) else list(texts)
         prefix = self._task_prefix()
         batch = self.tokenizer(
             [prefix + text for text in texts], return_tensors="pt", padding=True, truncation=True
@@ -46,7 +51,8 @@ class Seq2SeqRunner(Runner):
 
 
 class Text2TextGenerationAdapter(TaskAdapter):
-    """``text2text-generation``: a string, a list of strings, or dicts joined as ``key: value``."""
+    """``text2text-generation``: a string, a list of strings, or dicts of strings joined as
+    ``"key: value key: value"`` (stock MLflow's ``_parse_text2text_input``)."""
 
     task = "text2text-generation"
     model_mappings = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",)
@@ -68,27 +74,88 @@ class Text2TextGenerationAdapter(TaskAdapter):
         )
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
-        texts, _ = as_text_list(_join_dict_input(data))
-        outputs = self.runner(self.apply_prompt_template(texts), **call_kwargs)
+        prompts = self.apply_prompt_template(self.parse_texts(data))
+        outputs = call_runner(self.runner, prompts, call_kwargs, task=self.task)
         return [output[self.output_key] for output in outputs]
+
+    def parse_texts(self, data: Any) -> list[str]:
+        """The prompts in ``data``: dict records become ``"key: value"`` strings."""
+        if isinstance(data, Mapping):
+            return _record_texts(data)
+        if isinstance(data, list) and data and all(isinstance(item, Mapping) for item in data):
+            _check_same_keys(data)
+            return [text for record in data for text in _record_texts(record)]
+        return as_text_list(data)[0]
 
 
 class SummarizationAdapter(Text2TextGenerationAdapter):
+    """``summarization``: a string or a list of strings; a record gives its first field
+    (stock MLflow's summarization/translation parsing)."""
+
     task = "summarization"
     default_input_example = "MLflow is an open source platform for the machine learning lifecycle."
     output_key = "summary_text"
 
+    def parse_texts(self, data: Any) -> list[str]:
+        if isinstance(data, list) and data and all(isinstance(item, Mapping) for item in data):
+            return [_first_text(record) for record in data]
+        if isinstance(data, Mapping):
+            raise InvalidInputError(
+                f"'{self.task}' takes a string or a list of strings, got the dict "
+                f"{_truncate(data)}; send the text itself, or a list of one-field records.",
+                param="inputs",
+            )
+        return as_text_list(data)[0]
 
-class TranslationAdapter(Text2TextGenerationAdapter):
+
+class TranslationAdapter(SummarizationAdapter):
     task = "translation"
     default_input_example = "The house is wonderful."
     output_key = "translation_text"
 
 
-def _join_dict_input(data: Any) -> Any:
-    """Stock MLflow joins dict input for text2text as ``"key: value key: value"``."""
-    if isinstance(data, Mapping) and len(data) > 1:
-        return " ".join(f"{key}: {value}" for key, value in data.items())
-    if isinstance(data, list):
-        return [_join_dict_input(item) for item in data]
-    return data
+def _record_texts(record: Mapping[Any, Any]) -> list[str]:
+    """Stock's text2text rule: a record of strings is one ``"key: value ..."`` prompt; a row
+    pandas made from plain strings (key ``0``) or an ``inputs`` record gives its values."""
+    for key, value in record.items():
+        if not isinstance(value, str):
+            raise InvalidInputError(
+                f"Field '{key}' of a text2text input must be a string, got "
+                f"{type(value).__name__} {_truncate(value)}. Send a dict of strings, a string, "
+                "a list of strings or a list of dicts of strings; to send several prompts, "
+                "send a list of dicts.",
+                param=str(key),
+            )
+    if not record:
+        raise InvalidInputError("Got an empty dict; send a dict of strings.", param="inputs")
+    if 0 in record or "inputs" in record or not all(isinstance(key, str) for key in record):
+        return list(record.values())
+    return [" ".join(f"{key}: {value}" for key, value in record.items())]
+
+
+def _check_same_keys(records: list[Mapping[Any, Any]]) -> None:
+    expected = list(records[0])
+    for index, record in enumerate(records[1:], start=1):
+        missing = [key for key in expected if key not in record]
+        extra = [key for key in record if key not in expected]
+        if missing or extra:
+            field = (missing or extra)[0]
+            raise InvalidInputError(
+                f"Record {index} has keys {list(record)} but record 0 has {expected}: field "
+                f"'{field}' is missing from one of them. Give every record the same fields.",
+                param=str(field),
+            )
+
+
+def _first_text(record: Mapping[Any, Any]) -> str:
+    value = next(iter(record.values()), None)
+    if not isinstance(value, str):
+        raise InvalidInputError(
+            f"Expected each record to hold a string, got {_truncate(record)}.", param="inputs"
+        )
+    return value
+
+
+def _truncate(value: Any, limit: int = 100) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

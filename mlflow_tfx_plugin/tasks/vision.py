@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
 from mlflow_tfx_plugin.errors import InvalidInputError
-from mlflow_tfx_plugin.tasks.base import TaskAdapter, column_schema, unwrap_record
+from mlflow_tfx_plugin.tasks.base import TaskAdapter, column_schema, decode_base64, unwrap_record
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 
 class ImageClassificationAdapter(TaskAdapter):
-    """A DataFrame of ``label`` and ``score``: the top ``top_k`` for one image, top 1 per image
-    for a list."""
+    """A DataFrame with one row per image whose columns ``0..k-1`` hold the top-k
+    ``{"label", "score"}`` dicts, as stock MLflow returns (``pd.DataFrame`` of the pipeline's
+    output for a list of images)."""
 
     task = "image-classification"
     pipeline_task = "image-classification"
@@ -35,36 +36,49 @@ class ImageClassificationAdapter(TaskAdapter):
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> pd.DataFrame:
         import pandas as pd
 
+        if isinstance(data, np.ndarray):  # REST `inputs` parsed without a schema
+            data = data.tolist()
         items = data if isinstance(data, list) else [data]
         if not items:
             raise InvalidInputError("Expected at least one image.", param="inputs")
-        images = [_to_image(unwrap_record(item)) for item in items]
-        if len(images) > 1:
-            call_kwargs.setdefault("top_k", 1)
-        outputs = self.runner(images if len(images) > 1 else images[0], **call_kwargs)
-        rows = outputs if len(images) == 1 else [row for output in outputs for row in output]
-        return pd.DataFrame(rows, columns=["label", "score"])
+        images = [to_image(unwrap_record(item)) for item in items]
+        # A list in, a list of top-k lists out, even for one image: one row per image.
+        return pd.DataFrame(self.runner(images, **call_kwargs))
 
 
-def _to_image(item: Any) -> Any:
+def to_image(item: Any) -> Any:
+    """A PIL image from a PIL image, image bytes, a base64 string or a local file path.
+
+    The pipeline itself applies the EXIF orientation and converts to RGB.
+    """
     from PIL import Image
 
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, str):
-        item = _read_path_or_base64(item)
+        return _open_image(_read_path_or_base64(item), f"'{item[:80]}' (a file or base64)")
     if isinstance(item, (bytes, bytearray)):
-        try:
-            return Image.open(io.BytesIO(item)).convert("RGB")
-        except OSError as err:
-            raise InvalidInputError(
-                f"Could not decode image bytes: {err}.", param="inputs"
-            ) from err
+        return _open_image(bytes(item), "the image bytes")
     raise InvalidInputError(
         f"Cannot read an image from {type(item).__name__}; pass a PIL image, bytes, a base64 "
         "string or a local file path.",
         param="inputs",
     )
+
+
+def _open_image(payload: bytes, source: str) -> Any:
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(payload))
+        image.load()  # decode now: a truncated file fails here, not inside the pipeline
+    except OSError as err:
+        raise InvalidInputError(
+            f"Could not decode {source} as an image ({err}); send PNG, JPEG or another format "
+            "Pillow reads, as bytes, a local path or base64.",
+            param="inputs",
+        ) from err
+    return image
 
 
 def _read_path_or_base64(text: str) -> bytes:
@@ -76,10 +90,11 @@ def _read_path_or_base64(text: str) -> bytes:
     if len(text) < 4096 and os.path.isfile(text):
         with open(text, "rb") as f:
             return f.read()
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as err:
+    decoded = decode_base64(text)
+    if decoded is None:
         raise InvalidInputError(
-            f"'{text[:80]}' is neither an existing file nor valid base64 image data.",
+            f"'{text[:80]}' is neither an existing file nor base64 image data; send a local "
+            "path or the base64 encoding of the image file.",
             param="inputs",
-        ) from err
+        )
+    return decoded
