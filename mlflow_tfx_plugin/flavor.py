@@ -392,7 +392,7 @@ def _add_signature_and_example(
     else:
         mlflow_model.signature = adapter.default_signature(options.model_config)
     if options.input_example is not None:
-        _compat.save_example(mlflow_model, options.input_example, str(path))
+        _compat.save_example(mlflow_model, _formatted_example(adapter, options), str(path))
 
 
 def _signature_from_example(source: ModelSource, options: _SaveOptions) -> ModelSignature | None:
@@ -402,7 +402,7 @@ def _signature_from_example(source: ModelSource, options: _SaveOptions) -> Model
     MLflow's ``infer_signature(data, output, params)`` makes them.
     """
     adapter_cls = source.adapter
-    data, example_params = _split_example(options.input_example)
+    data, example_params = _split_example(_formatted_example(adapter_cls, options))
     runner = source.pipeline or adapter_cls.build_runner(source.components or {})
     adapter = adapter_cls(
         runner,
@@ -425,6 +425,13 @@ def _signature_from_example(source: ModelSource, options: _SaveOptions) -> Model
     signature = infer_signature(to_python(data), output)
     signature.params = adapter_cls.params_schema({**options.model_config, **example_params})
     return signature
+
+
+def _formatted_example(adapter: type[TaskAdapter], options: _SaveOptions) -> Any:
+    """The input example as the task saves it (see :meth:`TaskAdapter.signature_example`)."""
+    data, params = _split_example(options.input_example)
+    data = adapter.signature_example(data)
+    return (data, params) if params else data
 
 
 def _split_example(example: Any) -> tuple[Any, dict[str, Any]]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.tasks import LLMAdapter, TaskAdapter
+from mlflow_tfx_plugin.tasks.base import frame_records, plain
 
 
 class TfxPyfuncModel:
@@ -27,7 +28,7 @@ class TfxPyfuncModel:
         return self.adapter.runner
 
     def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> Any:
-        return self.adapter.predict(to_python(data), params)
+        return self.adapter.predict(to_python(data, self.adapter), params)
 
     def predict_stream(self, data: Any, params: Mapping[str, Any] | None = None) -> Iterator[Any]:
         """OpenAI stream chunks, for the ``llm/v1/chat`` and ``llm/v1/completions`` tasks."""
@@ -36,33 +37,19 @@ class TfxPyfuncModel:
         return self.adapter.predict_stream(to_python(data), params)
 
 
-def to_python(data: Any) -> Any:
-    """Convert pyfunc input from pandas/NumPy containers to plain Python values."""
+def to_python(data: Any, adapter: TaskAdapter | type[TaskAdapter] | None = None) -> Any:
+    """Convert pyfunc input from pandas/NumPy containers to plain Python values.
+
+    A DataFrame becomes what the task's adapter makes of it (:meth:`TaskAdapter.from_frame`:
+    one record per row unless the task says otherwise).
+    """
     # Data can only be a pandas object if pandas is loaded; the deployment server never
     # loads it (60 MB), so it is not imported here.
     pd = sys.modules.get("pandas")
     if pd is not None and isinstance(data, pd.DataFrame):
-        return [
-            {key: _plain(value) for key, value in row.items()} for row in data.to_dict("records")
-        ]
+        return adapter.from_frame(data) if adapter is not None else frame_records(data)
     if pd is not None and isinstance(data, pd.Series):
-        return [_plain(value) for value in data.tolist()]
+        return [plain(value) for value in data.tolist()]
     if isinstance(data, np.ndarray) and data.dtype == object:
-        return [_plain(value) for value in data.tolist()]
-    if isinstance(data, Mapping):
-        return {key: _plain(value) for key, value in data.items()}
-    if isinstance(data, list):
-        return [_plain(value) for value in data]
-    return data
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        return [_plain(item) for item in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return value
+        return [plain(value) for value in data.tolist()]
+    return plain(data)

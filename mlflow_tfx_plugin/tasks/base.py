@@ -16,9 +16,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
 from mlflow_tfx_plugin.errors import InvalidInputError
 
 if TYPE_CHECKING:  # imported where signatures are built: log time, never in the server
+    import pandas as pd
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ParamSchema, Schema
 
@@ -145,6 +148,21 @@ class TaskAdapter(ABC):
         return ModelSignature(inputs=cls.input_schema(), outputs=cls.output_schema(), params=params)
 
     @classmethod
+    def signature_example(cls, example: Any) -> Any:
+        """The input example as it is saved and its signature inferred (as given by default).
+
+        Stock ``mlflow.transformers`` re-encodes some examples first (zero-shot labels as a
+        JSON string), so that the signature admits its documented REST payloads.
+        """
+        return example
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> Any:
+        """pyfunc input that MLflow's schema enforcement turned into a DataFrame, as plain
+        Python: one record per row by default."""
+        return frame_records(frame)
+
+    @classmethod
     def input_schema(cls) -> Schema:
         """The signature's inputs (a string by default)."""
         return string_schema()
@@ -237,6 +255,24 @@ def call_runner(runner: Any, inputs: Any, call_kwargs: Mapping[str, Any], *, tas
             "the model's generate() accepts, with valid values.",
             param=next((name for name in sorted(call_kwargs) if name in str(err)), None),
         ) from err
+
+
+def frame_records(frame: pd.DataFrame) -> list[dict[Any, Any]]:
+    """The rows of a DataFrame as records of plain Python values."""
+    return [{key: plain(value) for key, value in row.items()} for row in frame.to_dict("records")]
+
+
+def plain(value: Any) -> Any:
+    """A value with NumPy scalars and arrays of strings or objects made plain Python."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "OUS":
+        return [plain(item) for item in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
 
 
 def string_schema() -> Schema:

@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.tasks.base import (
     Components,
     Runner,
     TaskAdapter,
     as_records,
+    as_text_list,
     column_schema,
-    require_string,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ def _best_span(start_logits: Any, end_logits: Any, max_answer_len: int) -> tuple
 
 
 class QuestionAnsweringAdapter(TaskAdapter):
-    """``question-answering``: ``{"question", "context"}`` (or a list of them) -> answers."""
+    """``question-answering``: ``{"question", "context"}`` (or a list of them; the values may be
+    lists) -> one answer per pair."""
 
     task = "question-answering"
     model_mappings = ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",)
@@ -84,12 +86,26 @@ class QuestionAnsweringAdapter(TaskAdapter):
         return ExtractiveQARunner(model=components["model"], tokenizer=components["tokenizer"])
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
+        """One answer per (question, context) pair, stripped as stock strips it."""
         records, _ = as_records(data, required=("question", "context"))
         return [
-            self.runner(
-                question=require_string(record["question"], "question"),
-                context=require_string(record["context"], "context"),
-                **call_kwargs,
-            )["answer"]
+            self.runner(question=question, context=context, **call_kwargs)["answer"].strip()
             for record in records
+            for question, context in _pairs(record)
         ]
+
+
+def _pairs(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """``question``/``context`` as strings or equal-length lists; one context may serve a list
+    of questions (as transformers' question-answering pipeline allowed)."""
+    questions, _ = as_text_list(record["question"], field="question")
+    contexts, _ = as_text_list(record["context"], field="context")
+    if len(contexts) == 1:
+        contexts = contexts * len(questions)
+    if len(questions) != len(contexts):
+        raise InvalidInputError(
+            f"Got {len(questions)} question(s) and {len(contexts)} contexts; send one question "
+            "per context (equal-length lists), or several questions with a single context.",
+            param="question",
+        )
+    return list(zip(questions, contexts, strict=True))
