@@ -19,6 +19,7 @@ import pytest
 
 import mlflow_tfx_plugin as tfx
 from integration.hub_server import LocalHub, hf_client_env, patch_hf_client
+from mlflow_tfx_plugin.errors import HubError
 
 pytestmark = pytest.mark.integration
 
@@ -112,3 +113,49 @@ def test_two_processes_register_the_same_reference(hub: LocalHub, store_env: dic
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     assert conf["reference_only"] is False
     assert _sha256(local / "model" / "model.safetensors") == conf["weights"][0]["sha256"]
+
+
+def test_registration_with_the_hub_unreachable_names_the_fixes_that_apply(tmp_path: Path):
+    """The Hub goes away between logging and registering: the error gives the fixes that
+    work without that Hub (a mirror, a token, the offline cache, no auto-persist), not
+    "persist first", which needs the same Hub."""
+    local_hub = LocalHub()
+    local_hub.add_repo_from_dir(REPO, tiny_models.build_gpt2(tmp_path / "gpt2"))
+    local_hub.start()
+    try:
+        with patch_hf_client(local_hub.endpoint, tmp_path / "hf-cache"):
+            mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+            with mlflow.start_run():
+                info = tfx.log_model(REPO, name="model")
+            local_hub.stop()  # its port now refuses connections
+            with pytest.raises(HubError) as error:
+                mlflow.register_model(info.model_uri, "unreachable")
+    finally:
+        local_hub.stop()
+        mlflow.set_tracking_uri(None)
+
+    message = error.value.message
+    assert "does not answer" in message and "local HF cache does not hold it" in message
+    for fix in ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE=1", "MLFLOW_TFX_AUTO_PERSIST=false"):
+        assert fix in message
+    assert "persist_pretrained_model" not in message
+
+
+def test_registration_with_the_hub_unreachable_uses_the_local_cache(tmp_path: Path):
+    """A snapshot already in the HF cache is persisted without waiting for the dead Hub."""
+    local_hub = LocalHub()
+    local_hub.add_repo_from_dir(REPO, tiny_models.build_gpt2(tmp_path / "gpt2"))
+    local_hub.start()
+    try:
+        with patch_hf_client(local_hub.endpoint, tmp_path / "hf-cache"):
+            mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+            with mlflow.start_run():
+                info = tfx.log_model(REPO, name="model")
+            tfx.load_model(info.model_uri)  # fills the HF cache with the weights
+            local_hub.stop()
+            version = mlflow.register_model(info.model_uri, "cached")
+            conf = mlflow.models.get_model_info(f"models:/cached/{version.version}").flavors
+    finally:
+        local_hub.stop()
+        mlflow.set_tracking_uri(None)
+    assert conf["tfx"]["reference_only"] is False

@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import mlflow_tfx_plugin as tfx
 from integration.hub_server import LocalHub, patch_hf_client
-from mlflow_tfx_plugin.errors import InvalidInputError, ModelNotFoundError
-from mlflow_tfx_plugin.hub import HubError, IntegrityError
+from mlflow_tfx_plugin.errors import HubError, IntegrityError, InvalidInputError, ModelNotFoundError
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,8 @@
 
 Every error is an :class:`mlflow.exceptions.MlflowException` carrying an MLflow
 error code, so MLflow's scoring server and tracking server answer with the right
-HTTP status. Errors about user input also subclass :class:`ValueError`.
+HTTP status, and a :class:`click.ClickException`, so the ``mlflow`` CLI prints its message
+alone, without a traceback. Errors about user input also subclass :class:`ValueError`.
 
 One process is different: the deployment server, which the ``tfx`` target starts with
 ``MLFLOW_TFX_SERVER_PROCESS=1``. It never imports MLflow (that import costs it about
@@ -13,6 +14,7 @@ Nothing in that process catches ``MlflowException``.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -42,9 +44,21 @@ def runs_without_mlflow() -> bool:
 def _root_exception() -> type[Exception]:
     if runs_without_mlflow():
         return StandaloneError
+    import click
     from mlflow.exceptions import MlflowException
 
-    return MlflowException
+    class CliError(MlflowException, click.ClickException):
+        """An MlflowException that the MLflow CLI (click) prints as one line: ``Error: ...``.
+
+        The traceback is logged at DEBUG level under MLflow's logger, so
+        ``MLFLOW_LOGGING_LEVEL=DEBUG`` shows it.
+        """
+
+        def show(self, file: Any = None) -> None:
+            logging.getLogger("mlflow.tfx_plugin").debug("Traceback:", exc_info=self)
+            super().show(file)
+
+    return CliError
 
 
 _Root: Any = _root_exception()
@@ -107,3 +121,49 @@ class ModelNotFoundError(TfxError):
     """A referenced model or file does not exist."""
 
     default_error_code = "RESOURCE_DOES_NOT_EXIST"
+
+
+class CorruptRecordError(TfxError):
+    """A deployment record on disk cannot be read.
+
+    Attributes:
+        name: the deployment.
+        path: the record file.
+        pid, pid_create_time: its server's process, when they could still be read.
+    """
+
+    default_error_code = "INVALID_STATE"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        name: str,
+        path: str,
+        pid: int | None = None,
+        pid_create_time: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.name = name
+        self.path = path
+        self.pid = pid
+        self.pid_create_time = pid_create_time
+
+
+class HubError(TfxError):
+    """The Hub (or the local HF cache) could not provide what a reference names.
+
+    A 400, not a 5xx: MLflow's REST client retries 5xx answers with long back-offs, and
+    a registration whose source cannot be fetched should fail at once with the reason.
+    """
+
+    default_error_code = "INVALID_PARAMETER_VALUE"
+
+    def __init__(self, detail: str, *, fix: str = "") -> None:
+        super().__init__(f"{detail} {fix}".strip())
+        #: What failed, without the advice on how to fix it.
+        self.detail = detail
+
+
+class IntegrityError(HubError):
+    """A downloaded file does not match its recorded sha256."""

@@ -22,7 +22,12 @@ from mlflow_tfx_plugin.checkpoint import (
     WeightEntry,
     sha256_of,
 )
-from mlflow_tfx_plugin.errors import InvalidInputError, ModelNotFoundError, TfxError
+from mlflow_tfx_plugin.errors import (
+    HubError,
+    IntegrityError,
+    InvalidInputError,
+    ModelNotFoundError,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -41,24 +46,11 @@ SMALL_FILE_IGNORE = (
     "*.msgpack",
     "*.onnx",
 )
+_PROBE_TIMEOUT_S = 5.0
 HELP = (
     "Check the repo id and revision, set HF_TOKEN for private repos and HF_ENDPOINT for a "
     "mirror, or persist the weights first with mlflow_tfx_plugin.persist_pretrained_model()."
 )
-
-
-class HubError(TfxError):
-    """The Hub (or the local HF cache) could not provide what a reference names.
-
-    A 400, not a 5xx: MLflow's REST client retries 5xx answers with long back-offs, and
-    a registration whose source cannot be fetched should fail at once with the reason.
-    """
-
-    default_error_code = "INVALID_PARAMETER_VALUE"
-
-
-class IntegrityError(HubError):
-    """A downloaded file does not match its recorded sha256."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +126,8 @@ def resolve_reference(
             errors.append(f"{lookup.__name__.removeprefix('_commit_from_')}: {err}")
     raise HubError(
         f"Cannot resolve '{repo_id}' at revision '{revision or 'main'}' to a commit "
-        f"({'; '.join(errors) or 'not in the local HF cache and the Hub is offline'}). {HELP}"
+        f"({'; '.join(errors) or 'not in the local HF cache and the Hub is offline'}).",
+        fix=HELP,
     )
 
 
@@ -144,19 +137,42 @@ def download_files(
     allow: Iterable[str] | None = None,
     ignore: Iterable[str] | None = None,
 ) -> Path:
-    """Download (or reuse from the cache) files of a pinned repo; returns the snapshot dir."""
+    """Download (or reuse from the cache) files of a pinned repo; returns the snapshot dir.
+
+    When the Hub endpoint does not answer, the local HF cache is used at once: huggingface_hub
+    would retry the connection for about 25 s before falling back to it.
+    """
     from huggingface_hub import snapshot_download
 
+    unreachable = unreachable_endpoint()
     try:
         path = snapshot_download(
             reference.repo_id,
             revision=reference.commit,
             allow_patterns=list(allow) if allow else None,
             ignore_patterns=list(ignore) if ignore else None,
+            local_files_only=unreachable is not None,
         )
     except Exception as err:
-        raise HubError(f"Downloading {reference} failed: {err}. {HELP}") from err
+        reason = f"{unreachable}, and the local HF cache does not hold it" if unreachable else err
+        raise HubError(f"Downloading {reference} failed: {reason}.", fix=HELP) from err
     return Path(path)
+
+
+def unreachable_endpoint() -> str | None:
+    """Why the Hub endpoint cannot be reached now, or None when it answers (or when offline).
+
+    One request, without huggingface_hub's retries; any HTTP answer counts as reachable.
+    """
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=_PROBE_TIMEOUT_S)
+    except Exception as err:  # httpx's transport errors: refused, DNS, TLS, timeout
+        return f"the Hub endpoint {constants.ENDPOINT} does not answer ({err})"
+    return None
 
 
 def weight_manifest(reference: HubReference) -> list[WeightEntry]:

@@ -22,6 +22,7 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 
 from mlflow_tfx_plugin import _compat
 from mlflow_tfx_plugin.checkpoint import WeightEntry, hash_weight_files, is_weight_file
+from mlflow_tfx_plugin.errors import HubError, IntegrityError
 from mlflow_tfx_plugin.flavor_config import (
     FLAVOR_NAME,
     STOCK_COMPONENTS_DIR,
@@ -87,9 +88,28 @@ def persist_for_registration(
     del run_id, store
     location = _logged_model_location(model_id) if model_id else artifact_location(source)
     local_mlmodel = Path(local_model_path, MLMODEL_FILE_NAME) if local_model_path else None
-    return persist_at(
-        location, local_mlmodel=local_mlmodel if local_mlmodel and local_mlmodel.is_file() else None
-    )
+    try:
+        return persist_at(
+            location,
+            local_mlmodel=local_mlmodel if local_mlmodel and local_mlmodel.is_file() else None,
+        )
+    except IntegrityError:
+        raise
+    except HubError as err:  # "persist first" needs the same Hub: name the fixes that apply
+        raise HubError(
+            f"{err.detail} Registering a reference-only model copies its weights into the "
+            "artifact store first.",
+            fix=REGISTRATION_HELP,
+        ) from err
+
+
+REGISTRATION_HELP = (
+    "To register it: set HF_ENDPOINT to a Hub mirror this machine reaches, and HF_TOKEN if the "
+    "repo is private or gated; or put the snapshot in the local HF cache (`hf download REPO "
+    "--revision COMMIT` where the Hub is reachable, copied to $HF_HUB_CACHE here) and set "
+    "HF_HUB_OFFLINE=1; or register it as a reference without its weights with "
+    "MLFLOW_TFX_AUTO_PERSIST=false."
+)
 
 
 def persist_at(artifact_uri: str, *, local_mlmodel: Path | None = None) -> PersistResult | None:
