@@ -132,6 +132,36 @@ def test_bad_config_key_lists_valid_keys(env: dict[str, str], state_dir: Path):
     assert result.returncode != 0
     assert f"Valid keys: {', '.join(valid_keys())}" in result.stderr
     assert not list(state_dir.glob("*.json"))
+    assert not list(state_dir.glob("*.lock"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("get", "-t", "tfx", "--name", "nope"),
+        ("delete", "-t", "tfx", "--name", "nope"),
+        ("create", "-t", "tfx", "--name", "x", "-m", "models:/chat/1", "-C", "max_batch_size=lots"),
+        ("create", "-t", "tfx", "--name", "x", "-m", "models:/no-such-model/1"),
+    ],
+    ids=["get unknown", "delete unknown", "bad value", "unknown model"],
+)
+def test_cli_errors_are_one_line_without_a_traceback(
+    env: dict[str, str], state_dir: Path, args: tuple[str, ...]
+):
+    result = _cli(env, *args, check=False)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    assert not list(state_dir.glob("*.lock")), "no lock file for a name that never existed"
+
+
+def test_cli_error_traceback_is_shown_under_debug_logging(env: dict[str, str]):
+    debug = {**env, "MLFLOW_LOGGING_LEVEL": "DEBUG"}
+    result = _cli(debug, "get", "-t", "tfx", "--name", "nope", check=False)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "Error: No tfx deployment named" in result.stderr
 
 
 def test_create_list_get_predict_update_delete(
@@ -144,7 +174,9 @@ def test_create_list_get_predict_update_delete(
     assert "tfx deployment chat is created" in out.stdout
     assert "Ready at http://127.0.0.1:" in out.stderr
 
-    assert "'name': 'chat'" in _cli(env, "list", "-t", "tfx").stdout
+    listed = _cli(env, "list", "-t", "tfx").stdout
+    assert "'name': 'chat'" in listed and "'status': 'running'" in listed
+    assert "local_model_dir" not in listed, "list shows name, status and url, not whole records"
     first = _get(env, "chat")
     assert (first["status"], first["model_version"]) == ("running", "1")
     assert first["resolved_model_uri"] == "models:/chat/1"

@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_tfx_plugin.deployments import TfxDeploymentClient, process, resolve
 from mlflow_tfx_plugin.deployments import client as tfx_client
 from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, parse_config
-from mlflow_tfx_plugin.deployments.state import DeploymentRecord, DeploymentStore
+from mlflow_tfx_plugin.deployments.state import KEPT_LOGS, DeploymentRecord, DeploymentStore
 from mlflow_tfx_plugin.errors import InvalidInputError, ModelNotFoundError, TfxError
 
 STAND_IN = r"""
@@ -400,12 +400,16 @@ def test_lifecycle(client: TfxDeploymentClient, model_dir: Path):
 
     client.delete_deployment("chat")
     assert not process.is_running(created["pid"], created["pid_create_time"])
-    assert not Path(created["log_path"]).exists()
+    assert Path(created["log_path"]).exists(), "the last log stays, for a post-mortem"
+    assert not (client.store.root / "chat.lock").exists()
     with pytest.raises(ModelNotFoundError) as info:
         client.get_deployment("chat")
     assert info.value.get_http_status_code() == 404
     with pytest.raises(ModelNotFoundError, match="No tfx deployment named 'chat'"):
         client.delete_deployment("chat")
+    with pytest.raises(ModelNotFoundError):
+        client.update_deployment("never-existed", config={"timeout": "5"})
+    assert sorted(p.name for p in client.store.root.glob("*.lock")) == []
 
 
 def test_create_refuses_a_running_deployment(client: TfxDeploymentClient, model_dir: Path):
@@ -485,7 +489,7 @@ def test_update_keeps_the_url_and_stops_the_old_server(
     assert new["config"]["port"] is None  # still "a free port chosen at create time"
     assert new["created_at"] == old["created_at"]
     assert not process.is_running(old["pid"], old["pid_create_time"])
-    assert not Path(old["log_path"]).exists()
+    assert Path(old["log_path"]).exists(), "the old server's log stays, for a post-mortem"
     assert client.predict("chat", {"prompt": "a"})["config"]["max_batch_size"] == 2
 
 
@@ -643,3 +647,98 @@ def test_other_uris_resolve(model_dir: Path):
     assert run.run_id == "0123abc" and run.cache_key and run.cache_key.startswith("run-0123abc-")
     with pytest.raises(InvalidInputError):
         resolve.resolve_model("")
+
+
+# --- damaged state, cleanup and what list shows ---------------------------------------------
+
+
+CORRUPTIONS: dict[str, tuple[Any, bool]] = {
+    # name: (how the file is rewritten, whether its server's pid can still be read)
+    "a list": (lambda text: "[]", False),
+    "pid not a number": (lambda text: text.replace('"pid": ', '"pid": "abc", "was": '), False),
+    "config null": (lambda text: json.dumps({**json.loads(text), "config": None}), True),
+    "truncated": (lambda text: text[: text.index(",", text.index('"pid_create_time"'))], True),
+    "truncated early": (lambda text: text[:40], False),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CORRUPTIONS))
+def test_a_corrupt_record_is_listed_and_deleted_with_its_server(
+    client: TfxDeploymentClient, model_dir: Path, damage: str
+):
+    rewrite, pid_readable = CORRUPTIONS[damage]
+    good = client.create_deployment("good", str(model_dir))
+    bad = client.create_deployment("bad", str(model_dir))
+    path = client.store.record_path("bad")
+    path.write_text(rewrite(path.read_text()))
+
+    assert client.list_deployments() == [
+        {"name": "bad", "status": "corrupt", "url": None, "record": str(path)},
+        {"name": "good", "status": "running", "url": good["url"]},
+    ]
+    with pytest.raises(TfxError, match=r"is corrupt.*mlflow deployments delete -t tfx --name bad"):
+        client.get_deployment("bad")
+
+    client.delete_deployment("bad")
+
+    assert not path.exists() and not (client.store.root / "bad.lock").exists()
+    assert process.is_running(bad["pid"], bad["pid_create_time"]) is not pid_readable
+    assert [d["name"] for d in client.list_deployments()] == ["good"]
+    process.stop(bad["pid"], bad["pid_create_time"], grace=5)
+
+
+def test_delete_removes_the_model_copy_only_when_nothing_uses_it(
+    client: TfxDeploymentClient, tmp_path: Path
+):
+    copy = client.store.root / "models" / "chat-v3"
+    copy.mkdir(parents=True)
+    (copy / "MLmodel").write_text(MLMODEL)
+    client.create_deployment("one", str(copy))
+    client.create_deployment("two", str(copy))
+
+    client.delete_deployment("one")
+    assert copy.is_dir(), "deployment 'two' still serves it"
+    client.delete_deployment("two")
+    assert not copy.exists()
+    assert list((client.store.root / "models").iterdir()) == [], "no lock file left either"
+    assert sorted(p.name for p in client.store.root.iterdir()) == ["logs", "models"]
+
+
+def test_only_the_newest_logs_of_a_name_are_kept(tmp_path: Path):
+    store = DeploymentStore(tmp_path)
+    made = []
+    for _ in range(KEPT_LOGS + 3):
+        made.append(store.new_log_path("chat"))
+        made[-1].write_text("a server log")
+        time.sleep(0.01)  # distinct modification times
+    store.new_log_path("other").write_text("another deployment's log")
+
+    kept = sorted((tmp_path / "logs").glob("chat-*.log"))
+    assert kept == sorted(made[-KEPT_LOGS:])
+    assert (tmp_path / "logs").glob("other-*.log")
+
+
+def test_an_unwritable_state_dir_is_a_one_line_error_naming_it(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o500)
+    if os.access(state, os.W_OK):  # root ignores permission bits: simulate the refusal
+        real_mkdir = Path.mkdir
+
+        def read_only(self: Path, *args: Any, **kwargs: Any) -> None:
+            if self.is_relative_to(state):
+                raise PermissionError(13, "Permission denied", str(self))
+            real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", read_only)
+    client = TfxDeploymentClient(f"tfx:{state}")
+    try:
+        with pytest.raises(TfxError) as info:
+            client.create_deployment("chat", str(model_dir))
+    finally:
+        state.chmod(0o700)
+    message = info.value.message
+    assert str(state) in message and "Permission denied" in message
+    assert "MLFLOW_TFX_STATE_DIR" in message and "\n" not in message

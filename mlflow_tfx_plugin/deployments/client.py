@@ -48,7 +48,12 @@ from mlflow_tfx_plugin.deployments.state import (
     validate_name,
 )
 from mlflow_tfx_plugin.deployments.transport import UnreachableError, iter_sse_chunks, post_json
-from mlflow_tfx_plugin.errors import InvalidInputError, ModelNotFoundError, TfxError
+from mlflow_tfx_plugin.errors import (
+    CorruptRecordError,
+    InvalidInputError,
+    ModelNotFoundError,
+    TfxError,
+)
 
 FLAVOR = "tfx"
 SWITCH_GRACE_SECONDS = 1.0
@@ -115,8 +120,8 @@ class TfxDeploymentClient(BaseDeploymentClient):
             except BaseException:
                 process.stop(server.pid, server.create_time, grace=5)
                 raise
-            if existing is not None:
-                Path(existing.log_path).unlink(missing_ok=True)
+            if existing is not None and existing.local_model_dir != record.local_model_dir:
+                self.store.remove_cached_model(existing.local_model_dir)
         return self._describe(record)
 
     def update_deployment(
@@ -167,13 +172,17 @@ class TfxDeploymentClient(BaseDeploymentClient):
                     time.sleep(SWITCH_GRACE_SECONDS)
                 say(f"Stopping the old server (pid {old.pid}); it finishes in-flight requests...")
                 process.stop(old.pid, old.pid_create_time)
-            Path(old.log_path).unlink(missing_ok=True)
+            if old.local_model_dir != new.local_model_dir:
+                self.store.remove_cached_model(old.local_model_dir)
         return self._describe(new)
 
     def delete_deployment(
         self, name: str, config: dict[str, Any] | None = None, endpoint: str | None = None
     ) -> None:
-        """Stop the server of ``name`` (SIGTERM, 30 s, SIGKILL) and remove its record and log.
+        """Stop the server of ``name`` (SIGTERM, 30 s, SIGKILL), remove its record and the
+        downloaded model copy if no other deployment uses it. Its logs stay (see state.py).
+
+        A corrupt record is removed too, after its server is stopped if its pid can be read.
 
         Raises:
             ModelNotFoundError: no deployment ``name`` (code RESOURCE_DOES_NOT_EXIST).
@@ -184,19 +193,25 @@ class TfxDeploymentClient(BaseDeploymentClient):
                 f"delete takes no -C options, got {sorted(config)}.", param=sorted(config)[0]
             )
         with self._locked(name):
-            record = self._require(name)
+            try:
+                record = self._require(name)
+            except CorruptRecordError as corrupt:
+                self._delete_corrupt(corrupt)
+                return
             if self._is_running(record):
                 say(f"Stopping server pid {record.pid}...")
                 process.stop(record.pid, record.pid_create_time)
             else:
                 say(f"Deployment {name!r} was not running; removing its record.")
             self.store.remove(name)
-            Path(record.log_path).unlink(missing_ok=True)
+            self.store.remove_cached_model(record.local_model_dir)
+            say(f"Its server logs stay in {Path(record.log_path).parent}.")
 
     def list_deployments(self, endpoint: str | None = None) -> list[dict[str, Any]]:
-        """Every deployment of this target, each a dict with ``name``, ``status``, ``url``, ..."""
+        """Every deployment of this target: ``name``, ``status`` ("running", "dead" or
+        "corrupt") and ``url`` each (``get`` shows the whole record)."""
         _check_endpoint(endpoint)
-        return [self._describe(record) for record in self.store.records()]
+        return [self._summary(entry) for entry in self.store.records()]
 
     def get_deployment(self, name: str, endpoint: str | None = None) -> dict[str, Any]:
         """The record of ``name`` with its live ``status`` ("running" or "dead").
@@ -274,7 +289,7 @@ class TfxDeploymentClient(BaseDeploymentClient):
         def waiting() -> None:
             say(f"Waiting for another operation on deployment {name!r} to finish...")
 
-        return self.store.lock(name, on_wait=waiting)
+        return self.store.lock(name, on_wait=waiting, remove=True)
 
     def _require(self, name: str) -> DeploymentRecord:
         record = self.store.read(name)
@@ -289,9 +304,30 @@ class TfxDeploymentClient(BaseDeploymentClient):
     def _is_running(record: DeploymentRecord) -> bool:
         return process.is_running(record.pid, record.pid_create_time)
 
+    def _summary(self, entry: DeploymentRecord | CorruptRecordError) -> dict[str, Any]:
+        if isinstance(entry, CorruptRecordError):
+            return {"name": entry.name, "status": "corrupt", "url": None, "record": entry.path}
+        return {"name": entry.name, "status": self._status(entry), "url": entry.url}
+
+    def _delete_corrupt(self, corrupt: CorruptRecordError) -> None:
+        started = corrupt.pid_create_time
+        if corrupt.pid and started is None:
+            started = process.server_start_time(corrupt.pid, corrupt.name)
+        if corrupt.pid and started is not None and process.is_running(corrupt.pid, started):
+            say(f"Stopping server pid {corrupt.pid} of the corrupt record {corrupt.path}...")
+            process.stop(corrupt.pid, started)
+        else:
+            say(f"No running server could be read from the corrupt record {corrupt.path}.")
+        self.store.remove(corrupt.name)
+
     def _describe(self, record: DeploymentRecord) -> dict[str, Any]:
-        status = "running" if self._is_running(record) else "dead"
-        return {**record.to_dict(), "status": status, "flavor": FLAVOR}
+        return {**record.to_dict(), "status": self._status(record), "flavor": FLAVOR}
+
+    def _status(self, record: DeploymentRecord) -> str:
+        """ "running" only when the server answers that it can generate, else why not."""
+        if not self._is_running(record):
+            return "dead"
+        return process.health_status(record.url)
 
     def _running_record(self, name: str) -> DeploymentRecord:
         record = self._require(name)

@@ -6,6 +6,7 @@ program after the server died is not mistaken for the server.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ DEFAULT_STARTUP_TIMEOUT = 600.0
 STOP_GRACE_SECONDS = 30.0
 LOG_TAIL_LINES = 40
 SERVER_MODULE = "mlflow_tfx_plugin.deployments.listener"
+HEALTH_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,19 @@ def is_running(pid: int | None, create_time: float | None) -> bool:
     return _process(pid, create_time) is not None
 
 
+def server_start_time(pid: int, name: str) -> float | None:
+    """When ``pid`` started, if it is a server of deployment ``name`` (for a damaged record
+    that lost the start time); else None, so that no other program is ever stopped."""
+    try:
+        proc = psutil.Process(pid)
+        command = proc.cmdline()
+    except psutil.Error:
+        return None
+    ours = "--model-dir" in command  # the shape of server_command()
+    named = any(flag == "--name" and value == name for flag, value in itertools.pairwise(command))
+    return proc.create_time() if ours and named else None
+
+
 def stop(pid: int, create_time: float, *, grace: float = STOP_GRACE_SECONDS) -> bool:
     """SIGTERM, wait up to ``grace`` seconds, then SIGKILL its process group.
 
@@ -265,6 +280,21 @@ def wait_until_healthy(server: ServerProcess, url: str, *, timeout: float) -> No
         server,
         f"was not ready within {timeout:.0f} s (set ${STARTUP_TIMEOUT_ENV} to wait longer)",
     )
+
+
+def health_status(url: str) -> str:
+    """A live server's status for ``list``/``get``: "running" when ``/health`` says it can
+    serve, else "loading", "failed" (its generation loop stopped: see the log) or
+    "unreachable"."""
+    try:
+        response = requests.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S)
+        body = response.json()
+    except (requests.RequestException, ValueError):
+        return "unreachable"
+    if response.status_code == 200:
+        return "running"
+    status = body.get("status") if isinstance(body, dict) else None
+    return status if status in ("loading", "failed") else "failed"
 
 
 def _health_ok(url: str, pid: int) -> bool:

@@ -4,9 +4,12 @@ Layout of the state directory (``$MLFLOW_TFX_STATE_DIR``, default
 ``~/.mlflow-tfx/deployments``)::
 
     <name>.json        one record per deployment, replaced atomically (tmp file + os.replace)
-    <name>.lock        held for the whole of a create/update/delete of that deployment
-    logs/<name>-*.log  server logs (stdout and stderr of the server process)
-    models/<key>/      downloaded models, one directory per resolved model
+    <name>.lock        held for the whole of a create/update/delete of that deployment;
+                       removed with the deployment
+    logs/<name>-*.log  server logs (stdout and stderr of the server process); the newest
+                       :data:`KEPT_LOGS` of each name are kept, for post-mortems
+    models/<key>/      downloaded models, one directory per resolved model; removed when
+                       no deployment uses it any more
 
 Nothing written here holds a secret: the API key travels to the server by environment only,
 and :meth:`DeploymentRecord.to_dict` refuses a config that carries one.
@@ -30,7 +33,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from mlflow_tfx_plugin.errors import InvalidInputError, TfxError
+from mlflow_tfx_plugin.errors import CorruptRecordError, InvalidInputError, TfxError
 
 STATE_DIR_ENV = "MLFLOW_TFX_STATE_DIR"
 """Environment variable overriding the state directory."""
@@ -39,6 +42,8 @@ DEFAULT_STATE_DIR = Path("~/.mlflow-tfx/deployments")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MASKED = "***"
+#: Server logs kept per deployment name (older ones are removed when a server starts).
+KEPT_LOGS = 5
 
 
 def default_state_dir() -> Path:
@@ -127,40 +132,71 @@ class DeploymentStore:
         return self.root / f"{validate_name(name)}.json"
 
     def read(self, name: str) -> DeploymentRecord | None:
-        """The record of ``name``, or ``None``; never sees a half-written file."""
+        """The record of ``name``, or ``None``; never sees a half-written file.
+
+        Raises:
+            CorruptRecordError: the file is not a record (with what could be read of it).
+        """
+        path = self.record_path(name)
         try:
-            text = self.record_path(name).read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
+        except OSError as err:
+            raise _state_error(path, err) from err
         try:
-            return DeploymentRecord.from_dict(json.loads(text))
+            return DeploymentRecord.from_dict(_record_fields(json.loads(text)))
         except (ValueError, TypeError) as err:
-            raise TfxError(
-                f"Deployment record {self.record_path(name)} is corrupt ({err}); delete the file."
+            pid, create_time = _salvage_pid(text)
+            raise CorruptRecordError(
+                f"Deployment record {path} is corrupt ({err}). `mlflow deployments delete -t "
+                f"tfx --name {name}` stops its server (if its pid can be read) and removes it.",
+                name=name,
+                path=str(path),
+                pid=pid,
+                pid_create_time=create_time,
             ) from err
 
-    def records(self) -> list[DeploymentRecord]:
-        """Every record, sorted by name."""
+    def records(self) -> list[DeploymentRecord | CorruptRecordError]:
+        """Every record, sorted by name; a corrupt one as the error reading it gave."""
         if not self.root.is_dir():
             return []
-        found = (self.read(path.stem) for path in sorted(self.root.glob("*.json")))
-        return [record for record in found if record is not None]
+        found: list[DeploymentRecord | CorruptRecordError] = []
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                record = self.read(path.stem)
+            except CorruptRecordError as corrupt:
+                found.append(corrupt)
+                continue
+            except InvalidInputError:  # a file whose name is no deployment name: not ours
+                continue
+            if record is not None:
+                found.append(record)
+        return found
 
     def write(self, record: DeploymentRecord) -> None:
         """Replace the record of ``record.name`` atomically, under its lock."""
         data = json.dumps(record.to_dict(), indent=2, sort_keys=True)
         path = self.record_path(record.name)
         with self.lock(record.name):
-            _atomic_write(path, data)
+            try:
+                _atomic_write(path, data)
+            except OSError as err:
+                raise _state_error(path, err) from err
 
     def remove(self, name: str) -> None:
-        """Delete the record of ``name`` (no error if there is none)."""
-        with self.lock(name):
+        """Delete the record of ``name`` and, on release, its lock file."""
+        with self.lock(name, remove=True):
             self.record_path(name).unlink(missing_ok=True)
 
     @contextmanager
     def lock(
-        self, name: str, *, timeout: float = -1, on_wait: Callable[[], None] | None = None
+        self,
+        name: str,
+        *,
+        timeout: float = -1,
+        on_wait: Callable[[], None] | None = None,
+        remove: bool = False,
     ) -> Iterator[None]:
         """Hold the lock of deployment ``name`` (re-entrant in one thread; blocks others).
 
@@ -168,37 +204,36 @@ class DeploymentStore:
             name: the deployment.
             timeout: seconds to wait; negative waits for ever.
             on_wait: called once if the lock is busy, before waiting for it.
+            remove: delete the lock file on release when no record of ``name`` is left
+                (what ``delete``, or an operation on a name that does not exist, wants).
 
         Raises:
-            TfxError: the lock was not acquired within ``timeout`` seconds.
+            TfxError: the lock was not acquired within ``timeout`` seconds, or the state
+                directory cannot be written.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.root / f"{validate_name(name)}.lock", is_singleton=True)
-        try:
+        path = self.root / f"{validate_name(name)}.lock"
+        with _held(path, timeout=timeout, on_wait=on_wait, name=name) as lock:
             try:
-                lock.acquire(blocking=False)
-            except Timeout:
-                if on_wait is not None:
-                    on_wait()
-                lock.acquire(timeout=timeout)
-        except Timeout as err:
-            raise TfxError(
-                f"Another operation on deployment {name!r} is in progress "
-                f"(lock {lock.lock_file}); try again when it has finished."
-            ) from err
-        try:
-            yield
-        finally:
-            lock.release()
+                yield
+            finally:
+                if remove and not self.record_path(name).exists():
+                    lock.remove_on_release()
 
     # --- logs -----------------------------------------------------------------------------
 
     def new_log_path(self, name: str) -> Path:
-        """A fresh log file path for a server of deployment ``name``."""
+        """A fresh log file path for a server of deployment ``name``; the oldest logs of
+        ``name`` beyond :data:`KEPT_LOGS` are removed."""
         logs = self.root / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        try:
+            logs.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _state_error(logs, err) from err
+        previous = sorted(logs.glob(f"{validate_name(name)}-*.log"), key=_mtime)
+        for old in previous[: max(0, len(previous) - KEPT_LOGS + 1)]:
+            old.unlink(missing_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        return logs / f"{validate_name(name)}-{stamp}-{uuid.uuid4().hex[:6]}.log"
+        return logs / f"{name}-{stamp}-{uuid.uuid4().hex[:6]}.log"
 
     # --- model cache ----------------------------------------------------------------------
 
@@ -215,17 +250,42 @@ class DeploymentStore:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", key):
             raise TfxError(f"Invalid model cache key {key!r}.")
         cache = self.root / "models"
-        cache.mkdir(parents=True, exist_ok=True)
         final = cache / key
-        with FileLock(cache / f"{key}.lock", is_singleton=True):
+        with _held(cache / f"{key}.lock", name=key) as lock:
+            lock.remove_on_release()  # the directory itself says whether it is there
             if final.is_dir():
                 return final, False
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache))
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache))
+            except OSError as err:
+                raise _state_error(cache, err) from err
             try:
                 os.replace(download(tmp), final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return final, True
+
+    def remove_cached_model(self, model_dir: str | os.PathLike[str]) -> bool:
+        """Delete a downloaded model unless a deployment record still names it.
+
+        A corrupt record might name it too, so nothing is removed while there is one.
+
+        Returns:
+            Whether the directory was removed.
+        """
+        directory = Path(model_dir)
+        if directory.parent != self.root / "models" or not directory.is_dir():
+            return False  # a local model directory served in place, not a copy of ours
+        with _held(directory.with_name(f"{directory.name}.lock"), name=directory.name) as lock:
+            lock.remove_on_release()
+            for record in self.records():
+                if (
+                    isinstance(record, CorruptRecordError)
+                    or Path(record.local_model_dir) == directory
+                ):
+                    return False
+            shutil.rmtree(directory)
+        return True
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -241,3 +301,89 @@ def _atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _record_fields(data: Any) -> dict[str, Any]:
+    """The JSON of a record, checked for what every reader relies on."""
+    if not isinstance(data, dict):
+        raise TypeError(f"a record is a JSON object, not {type(data).__name__}")
+    for key, kind in (("pid", int), ("port", int), ("config", dict), ("url", str)):
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise TypeError(f"'{key}' is {data.get(key)!r}, not a {kind.__name__}")
+    return data
+
+
+def _salvage_pid(text: str) -> tuple[int | None, float | None]:
+    """The server pid and its start time from a damaged record, when they can still be read."""
+    pid = re.search(r'"pid"\s*:\s*(\d+)', text)
+    started = re.search(r'"pid_create_time"\s*:\s*(\d+(?:\.\d+)?)', text)
+    return (int(pid[1]) if pid else None), (float(started[1]) if started else None)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _state_error(path: Path, err: OSError) -> TfxError:
+    return TfxError(
+        f"Cannot write the deployment state at {path}: {err.strerror or err}. Make it "
+        "writable (or free space there), or keep the state elsewhere with "
+        "MLFLOW_TFX_STATE_DIR=/path or -t tfx:/path."
+    )
+
+
+@contextmanager
+def _held(
+    path: Path,
+    *,
+    name: str,
+    timeout: float = -1,
+    on_wait: Callable[[], None] | None = None,
+) -> Iterator[_RemovableLock]:
+    """Hold the file lock at ``path`` (re-entrant in one thread)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path, is_singleton=True)
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            if on_wait is not None:
+                on_wait()
+            lock.acquire(timeout=timeout)
+    except Timeout as err:
+        raise TfxError(
+            f"Another operation on deployment {name!r} is in progress (lock {path}); try "
+            "again when it has finished."
+        ) from err
+    except OSError as err:
+        raise _state_error(path, err) from err
+    removable = _RemovableLock(lock, path)
+    try:
+        yield removable
+    finally:
+        removable.release()
+
+
+class _RemovableLock:
+    """A held :class:`filelock.FileLock` whose file can be deleted on release.
+
+    filelock re-checks, after locking, that its file was not unlinked while it waited, so
+    removing the file under the lock never lets two holders in.
+    """
+
+    def __init__(self, lock: FileLock, path: Path) -> None:
+        self._lock = lock
+        self._path = path
+        self._remove = False
+
+    def remove_on_release(self) -> None:
+        """Delete the lock file when the outermost holder in this thread releases it."""
+        self._remove = True
+
+    def release(self) -> None:
+        if self._remove and self._lock.lock_counter == 1:
+            self._path.unlink(missing_ok=True)
+        self._lock.release()

@@ -11,7 +11,7 @@ from typing import Any
 
 from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, DeploymentConfig
 from mlflow_tfx_plugin.deployments.process import STARTUP_TIMEOUT_ENV
-from mlflow_tfx_plugin.deployments.state import STATE_DIR_ENV
+from mlflow_tfx_plugin.deployments.state import KEPT_LOGS, STATE_DIR_ENV
 
 
 def target_help() -> str:
@@ -32,6 +32,7 @@ def target_help() -> str:
         api_key_env=API_KEY_ENV,
         state_env=STATE_DIR_ENV,
         startup_env=STARTUP_TIMEOUT_ENV,
+        kept_logs=KEPT_LOGS,
     )
 
 
@@ -50,8 +51,10 @@ OpenAI-compatible HTTP server: one local process per deployment, with the routes
 Target URI
   tfx          records under ${state_env} (default ~/.mlflow-tfx/deployments)
   tfx:/PATH    records under PATH
-  The state directory holds one JSON record per deployment, the server logs (logs/) and the
-  downloaded models (models/). It never holds an API key.
+  The state directory holds one JSON record per deployment, the server logs (logs/, the
+  newest {kept_logs} of each deployment are kept) and the downloaded models (models/; a copy
+  is removed when no deployment uses it any more). It never holds an API key. To purge
+  everything, delete the deployments, then the directory.
 
 Model URI (-m)
   runs:/RUN_ID/PATH, models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest,
@@ -75,15 +78,22 @@ Commands
       Starts the server in the background and returns when /health answers. Fails if a
       running deployment 'chat' exists; a dead one is replaced.
   mlflow deployments list -t tfx
+      name, status and url of each deployment.
   mlflow deployments get -t tfx --name chat
-      status is 'running' or 'dead' (the server process exited).
+      The whole record. status is 'running' (it answers /health), 'loading', 'failed'
+      (it cannot generate: see its log), 'unreachable', 'dead' (the process exited) or,
+      in list, 'corrupt' (the record file is damaged: delete removes it and stops its
+      server when its pid can still be read).
   mlflow deployments predict -t tfx --name chat --input-path body.json
       body.json holds an OpenAI request: {{"messages": [...], "max_tokens": 16}} (chat),
       {{"prompt": ["..."]}} (completions), {{"input": ["..."]}} (embeddings); anything else
       goes to /invocations like `mlflow models serve` input. A JSON list of bodies sends one
       request each and prints {{"predictions": [...]}} (bodies that differ only in "prompt"
       or "input" are sent as one request with a list). Use a list also when a body has
-      list-valued options such as "stop", which the CLI's pandas reader cannot take.
+      list-valued options such as "stop", which the CLI's pandas reader cannot take, and
+      when every value is a scalar: the reader refuses {{"input": "hello"}} ("If using all
+      scalar values, you must pass an index"), so write [{{"input": "hello"}}] or
+      {{"input": ["hello"]}}.
       The CLI cannot stream; from Python, predict_stream() yields the chunks.
   mlflow deployments update -t tfx --name chat -m models:/chat/2 [-C key=value ...]
       Starts the new server on the same host and port (both listen at once), switches the
@@ -92,7 +102,8 @@ Commands
       the old one; with -C host=... or -C port=... the new server starts on that address
       instead. If the new server fails, it is stopped and the old one keeps serving.
   mlflow deployments delete -t tfx --name chat
-      SIGTERM (in-flight requests finish), SIGKILL after 30 s; removes record and log.
+      SIGTERM (in-flight requests finish), SIGKILL after 30 s; removes the record and the
+      downloaded model copy (unless another deployment uses it); the logs stay.
   mlflow deployments run-local -t tfx --name chat -m models:/chat/1 -C port=8080
       Serves in the foreground until Ctrl-C; nothing is recorded.
   explain is not supported; use predict.
