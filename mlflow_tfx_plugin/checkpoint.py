@@ -218,11 +218,47 @@ def _convert_pickle_weights(info: CheckpointInfo, destination: Path) -> list[Wei
     for name in info.pickle_weight_files:
         _logger.info("Converting pickle weights '%s' to safetensors.", name)
         state_dict.update(torch.load(info.path / name, map_location="cpu", weights_only=True))
+    tied = bool(info.config.get("tie_word_embeddings", True))
     target = destination / "model.safetensors"
-    save_file(
-        {k: v.contiguous() for k, v in state_dict.items()}, str(target), metadata={"format": "pt"}
-    )
+    save_file(_unshared(state_dict, drop=tied), str(target), metadata={"format": "pt"})
     return [WeightEntry(path=target.name, size=target.stat().st_size, sha256=sha256_of(target))]
+
+
+def _unshared(state_dict: dict[str, Any], *, drop: bool) -> dict[str, Any]:
+    """The tensors as safetensors can store them: each piece of memory once.
+
+    Tied weights (GPT-2's ``wte`` and ``lm_head``) are one tensor under two names. As
+    ``save_pretrained`` does, the first name keeps it and the others are dropped (``drop``:
+    the model re-ties them when it loads); when the config does not tie them, the others
+    get copies.
+    """
+    kept: dict[str, Any] = {}
+    owners: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    for name, tensor in state_dict.items():
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+        )
+        if key in owners:
+            _logger.info("'%s' shares its memory with '%s'.", name, owners[key])
+            if not drop:
+                kept[name] = tensor.clone().contiguous()
+            continue
+        owners[key] = name
+        kept[name] = tensor
+    storages: dict[int, int] = {}
+    for tensor in kept.values():
+        pointer = tensor.untyped_storage().data_ptr()
+        storages[pointer] = storages.get(pointer, 0) + 1
+    # views of one storage that are not the same tensor are stored as copies of their own
+    return {
+        name: tensor.clone().contiguous()
+        if storages[tensor.untyped_storage().data_ptr()] > 1
+        else tensor.contiguous()
+        for name, tensor in kept.items()
+    }
 
 
 def _check_shards_present(root: Path, files: tuple[str, ...]) -> None:

@@ -227,3 +227,30 @@ def test_all_errors_share_one_base():
     for error in (CheckpointError, InvalidInputError, UnsafeWeightsError, UnsupportedTaskError):
         assert issubclass(error, TfxError)
         assert issubclass(error, ValueError)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_pickle_weights_with_tied_tensors_convert(tiny_gpt2_dir: Path, tmp_path: Path, tied: bool):
+    """torch.save of a tied model keeps wte and lm_head as one tensor, which safetensors
+    refuses ("Some tensors share memory"): stored once, as save_pretrained does."""
+    import torch
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()
+    ckpt = _copy(tiny_gpt2_dir, tmp_path / "ckpt", drop=("model.safetensors",))
+    torch.save(state, ckpt / "pytorch_model.bin")
+    if not tied:  # a config that does not tie them: both names must be stored
+        config = json.loads((ckpt / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+
+    tfx.save_model(ckpt, tmp_path / "saved", convert_pickle_weights=True)
+
+    pipe = tfx.load_model(str(tmp_path / "saved"))
+    reference = transformers.pipeline("text-generation", model=str(tiny_gpt2_dir))
+    kwargs = {"max_new_tokens": 3, "do_sample": False}
+    assert pipe("Hello", **kwargs) == reference("Hello", **kwargs)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "saved" / "model" / "model.safetensors", "pt") as f:
+        assert ("lm_head.weight" in set(f.keys())) is not tied
