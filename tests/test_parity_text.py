@@ -375,3 +375,17 @@ def test_feature_extraction_answers_every_input(features: Saved):
     assert len(ours) == len(texts)
     np.testing.assert_allclose(ours[0], stock, atol=1e-6)
     np.testing.assert_allclose(ours[1], np.asarray(features.pipe(texts[1])[0]), atol=1e-6)
+
+
+def test_question_answering_runner_takes_what_the_pipeline_took(tiny_bert_qa_dir: Path):
+    """transformers 4's pipeline: keywords, one positional dict, or a list of dicts."""
+    runner = tfx.pipeline("question-answering", model=str(tiny_bert_qa_dir))
+    question, context = "What is the capital?", "Paris is the capital of France."
+    one = runner(question=question, context=context)
+
+    assert set(one) == {"answer", "score", "start", "end"}
+    assert runner({"question": question, "context": context}) == one
+    assert runner([{"question": question, "context": context}] * 2) == [one, one]
+    assert runner(question=[question, question], context=context) == [one, one]
+    with pytest.raises(InvalidInputError, match="context"):
+        runner(question=question)

@@ -25,11 +25,28 @@ if TYPE_CHECKING:
 
 @dataclass
 class ExtractiveQARunner(Runner):
-    """``runner(question=..., context=..., max_answer_len=30)`` -> ``{"answer", "score", ...}``."""
+    """Called as transformers 4's question-answering pipeline was.
+
+    ``runner(question=..., context=...)`` or ``runner({"question": ..., "context": ...})``
+    gives ``{"answer", "score", "start", "end"}``; a list of such dicts, or lists of questions
+    and contexts, give a list of them.
+    """
 
     task: str = "question-answering"
 
-    def __call__(self, *, question: str, context: str, max_answer_len: int = 30) -> dict[str, Any]:
+    def __call__(
+        self,
+        *inputs: Any,
+        question: Any = None,
+        context: Any = None,
+        max_answer_len: int = 30,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        pairs, single = _runner_pairs(inputs, question, context)
+        answers = [self.answer(q, c, max_answer_len=max_answer_len) for q, c in pairs]
+        return answers[0] if single else answers
+
+    def answer(self, question: str, context: str, *, max_answer_len: int = 30) -> dict[str, Any]:
+        """The best answer span for one question over one context."""
         import torch
 
         encoded = self.tokenizer(
@@ -48,6 +65,30 @@ class ExtractiveQARunner(Runner):
         start, end, score = _best_span(start_logits, end_logits, max_answer_len)
         begin, finish = offsets[start][0], offsets[end][1]
         return {"answer": context[begin:finish], "score": score, "start": begin, "end": finish}
+
+
+def _runner_pairs(
+    inputs: tuple[Any, ...], question: Any, context: Any
+) -> tuple[list[tuple[str, str]], bool]:
+    """(question, context) pairs from the ways the pipeline was called, and whether it was one."""
+    if len(inputs) > 1 or (inputs and (question is not None or context is not None)):
+        raise InvalidInputError(
+            "Pass one {'question', 'context'} dict (or a list of them), or question= and "
+            "context= keywords.",
+            param="inputs",
+        )
+    if inputs:
+        records, single = as_records(inputs[0], required=("question", "context"))
+    elif question is None or context is None:
+        raise InvalidInputError(
+            "Both question= and context= are needed.",
+            param="question" if question is None else "context",
+        )
+    else:
+        records = [{"question": question, "context": context}]
+        single = isinstance(question, str) and isinstance(context, str)
+    pairs = [pair for record in records for pair in _pairs(record)]
+    return pairs, single and len(pairs) == 1
 
 
 def _best_span(start_logits: Any, end_logits: Any, max_answer_len: int) -> tuple[int, int, float]:
@@ -89,7 +130,7 @@ class QuestionAnsweringAdapter(TaskAdapter):
         """One answer per (question, context) pair, stripped as stock strips it."""
         records, _ = as_records(data, required=("question", "context"))
         return [
-            self.runner(question=question, context=context, **call_kwargs)["answer"].strip()
+            self.runner.answer(question, context, **call_kwargs)["answer"].strip()
             for record in records
             for question, context in _pairs(record)
         ]
