@@ -262,7 +262,9 @@ def _same_process(described: dict[str, str]) -> bool:
         return False
 
 
-def test_killed_server_is_reported_dead_and_can_be_recreated(env: dict[str, str], tmp_path: Path):
+def test_killed_server_is_reported_dead_and_can_be_recreated(
+    env: dict[str, str], state_dir: Path, tmp_path: Path
+):
     create = ("create", "-t", "tfx", "--name", "chat", "-m", "models:/chat/1")
     _cli(env, *create)
     pid = int(_get(env, "chat")["pid"])
@@ -280,12 +282,12 @@ def test_killed_server_is_reported_dead_and_can_be_recreated(env: dict[str, str]
     assert predict.returncode != 0
     assert f"'chat' is not running (pid {pid} exited)" in predict.stderr
 
-    _cli(env, "delete", "-t", "tfx", "--name", "chat")
-    assert "[]" in _cli(env, "list", "-t", "tfx").stdout
-    again = _cli(env, *create)
+    again = _cli(env, *create)  # over the dead record: its model copy is still there
     assert "Using cached model" in again.stderr and "Downloading" not in again.stderr
     assert _get(env, "chat")["status"] == "running"
     _cli(env, "delete", "-t", "tfx", "--name", "chat")
+    assert "[]" in _cli(env, "list", "-t", "tfx").stdout
+    assert [p for p in (state_dir / "models").iterdir()] == [], "nothing uses the copy any more"
 
 
 def test_run_local_stops_cleanly_on_sigint(env: dict[str, str], state_dir: Path):

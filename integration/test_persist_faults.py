@@ -124,8 +124,7 @@ def test_registration_with_the_hub_unreachable_names_the_fixes_that_apply(tmp_pa
     local_hub.start()
     try:
         with patch_hf_client(local_hub.endpoint, tmp_path / "hf-cache"):
-            mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-            with mlflow.start_run():
+            with mlflow.start_run(experiment_id=_experiment(tmp_path)):
                 info = tfx.log_model(REPO, name="model")
             local_hub.stop()  # its port now refuses connections
             with pytest.raises(HubError) as error:
@@ -148,8 +147,7 @@ def test_registration_with_the_hub_unreachable_uses_the_local_cache(tmp_path: Pa
     local_hub.start()
     try:
         with patch_hf_client(local_hub.endpoint, tmp_path / "hf-cache"):
-            mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-            with mlflow.start_run():
+            with mlflow.start_run(experiment_id=_experiment(tmp_path)):
                 info = tfx.log_model(REPO, name="model")
             tfx.load_model(info.model_uri)  # fills the HF cache with the weights
             local_hub.stop()
@@ -159,3 +157,9 @@ def test_registration_with_the_hub_unreachable_uses_the_local_cache(tmp_path: Pa
         local_hub.stop()
         mlflow.set_tracking_uri(None)
     assert conf["tfx"]["reference_only"] is False
+
+
+def _experiment(tmp_path: Path) -> str:
+    """A fresh sqlite store (reset by the caller) and an experiment in it."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return mlflow.create_experiment("unreachable", artifact_location=(tmp_path / "a").as_uri())
