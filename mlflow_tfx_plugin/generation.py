@@ -8,15 +8,24 @@ the joined stream equals the non-streamed text.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Literal
 
 from mlflow_tfx_plugin.errors import InvalidInputError
-from mlflow_tfx_plugin.protocol import DEFAULT_MAX_TOKENS, GenerationParams
+from mlflow_tfx_plugin.protocol import DEFAULT_MAX_TOKENS, SAMPLING_EPS, GenerationParams
 
 FinishReason = Literal["stop", "length"]
+
+#: repetition_penalty divides or multiplies logits in float32 (1e-300 makes them inf).
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
+#: Slack over the longest vocabulary entry for normalizers that shorten text (NFC
+#: composition joins up to 3 code points into one).
+_NORMALIZER_SLACK = 4
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,9 @@ class TextGenerator:
         self.stop_token_ids = _eos_ids(model, tokenizer)
         self.default_max_tokens = default_max_tokens or _checkpoint_max_new_tokens(model)
         self._lock = threading.Lock()  # generate() is not safe to run concurrently on one model
+        # A fast tokenizer's padding setting is mutated by calls that pad and calls that do
+        # not; concurrent calls then fail with "Already borrowed".
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def context_window(self) -> int:
@@ -79,6 +91,7 @@ class TextGenerator:
         self, prompts: Sequence[str], params: GenerationParams, *, add_special_tokens: bool = True
     ) -> list[PromptResult]:
         """Generate ``params.n`` choices for every prompt in one batched ``generate`` call."""
+        params = runnable_params(params)
         batch, prompt_lengths = self._encode(prompts, add_special_tokens)
         kwargs = self._generate_kwargs(params, max(prompt_lengths))
         with self._lock:
@@ -100,6 +113,7 @@ class TextGenerator:
         """
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
+        params = runnable_params(params)
         if params.n != 1:
             raise InvalidInputError("Streaming supports n=1 only.", param="n")
         batch, [prompt_length] = self._encode([prompt], add_special_tokens)
@@ -120,14 +134,50 @@ class TextGenerator:
         [completion] = result.completions
         yield StreamDelta("", completion.finish_reason, prompt_length, completion.completion_tokens)
 
+    def encode(self, prompt: str, *, add_special_tokens: bool) -> list[int]:
+        """The prompt's token ids, if they leave room to generate in the context window."""
+        self.check_prompt_chars(prompt)
+        with self._tokenizer_lock:
+            input_ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        self.check_prompt_length(len(input_ids))
+        return list(input_ids)
+
     def _encode(self, prompts: Sequence[str], add_special_tokens: bool) -> tuple[Any, list[int]]:
-        batch = self.tokenizer(
-            list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
-        ).to(self.model.device)
+        for prompt in prompts:
+            self.check_prompt_chars(prompt)
+        with self._tokenizer_lock:
+            batch = self.tokenizer(
+                list(prompts),
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=add_special_tokens,
+            ).to(self.model.device)
         lengths = [int(n) for n in batch["attention_mask"].sum(dim=1)]
         for length in lengths:
             self.check_prompt_length(length)
         return batch, lengths
+
+    def check_prompt_chars(self, prompt: str) -> None:
+        """Reject, before tokenizing it, a prompt too long to fit in the context window.
+
+        Tokenizing 5 MB of text takes seconds and keeps half a gigabyte of memory. No token
+        covers more characters than :attr:`max_chars_per_token`, so a longer prompt than
+        the window holds at that many per token cannot fit.
+        """
+        window = self.context_window
+        if len(prompt) > window * self.max_chars_per_token:
+            at_least = math.ceil(len(prompt) / self.max_chars_per_token)
+            raise InvalidInputError(
+                f"The prompt has {len(prompt)} characters, so at least {at_least} tokens, but "
+                f"the model's context window is {window} tokens. Shorten the prompt.",
+                param="messages",
+            )
+
+    @cached_property
+    def max_chars_per_token(self) -> int:
+        """A bound on the characters one token covers (see :meth:`check_prompt_chars`)."""
+        longest = max((len(token) for token in self.tokenizer.get_vocab()), default=1)
+        return max(longest, 1) * _NORMALIZER_SLACK
 
     def check_prompt_length(self, length: int) -> None:
         """Reject a prompt that leaves no room to generate in the context window."""
@@ -216,6 +266,45 @@ class TextGenerator:
         text, hit_stop = cut_at_stop(text, params.stop)
         finish: FinishReason = "stop" if end is not None or hit_stop else "length"
         return Completion(text=text, finish_reason=finish, completion_tokens=len(generated))
+
+
+def runnable_params(params: GenerationParams) -> GenerationParams:
+    """``params`` as every sampler can run them: the engines call this before any request
+    enters a batch, so that no request's values can fail the batch (or stop its loop).
+
+    Temperatures and top_p values below :data:`SAMPLING_EPS` decode greedily.
+
+    Raises:
+        InvalidInputError: naming the field whose value no sampler can run.
+    """
+    _check_range("temperature", params.temperature, 0.0, math.inf)
+    _check_range("top_p", params.top_p, 0.0, 1.0, low_open=True)
+    if params.top_k is not None and params.top_k < 0:
+        raise _out_of_range("top_k", params.top_k, "an integer >= 0")
+    if params.max_tokens is not None and params.max_tokens < 1:
+        raise _out_of_range("max_tokens", params.max_tokens, "an integer >= 1")
+    if params.repetition_penalty is not None:
+        _check_range("repetition_penalty", params.repetition_penalty, *REPETITION_PENALTY_RANGE)
+    low, high = _SEED_RANGE
+    if params.seed is not None and not low <= params.seed <= high:
+        raise _out_of_range("seed", params.seed, "a 64-bit integer")
+    if not params.greedy and min(params.temperature, params.top_p) < SAMPLING_EPS:
+        return replace(params, temperature=0.0, top_p=1.0)
+    return params
+
+
+def _check_range(
+    name: str, value: float, low: float, high: float, *, low_open: bool = False
+) -> None:
+    above_low = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above_low and value <= high):
+        bound = "> " if low_open else ">= "
+        upper = "" if math.isinf(high) else f" and <= {high:g}"
+        raise _out_of_range(name, value, f"a finite number {bound}{low:g}{upper}")
+
+
+def _out_of_range(name: str, value: object, expected: str) -> InvalidInputError:
+    return InvalidInputError(f"'{name}' must be {expected}, got {value!r}.", param=name)
 
 
 def cancel_criterion(event: threading.Event) -> Any:

@@ -24,6 +24,11 @@ _logger = logging.getLogger(__name__)
 #: Used when neither the request nor ``model_config`` nor the checkpoint sets a limit.
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_SEQUENCES = 4
+#: A ``temperature`` or ``top_p`` below this decodes greedily, as vLLM's ``_SAMPLING_EPS``
+#: does: greedy is the limit of both, and the samplers divide logits by the temperature in
+#: float32, where 1/1e-300 is inf and every probability becomes NaN.
+SAMPLING_EPS = 1e-5
+_INT64 = 2**63
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,10 +116,11 @@ class _GenerationRequest(OpenAIModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-_INT64, le=_INT64 - 1)  # torch seeds are 64-bit
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
+    # logits are divided or multiplied by it in float32: 1e-300 makes them inf
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
     user: str | None = None
 
@@ -142,10 +148,16 @@ class _GenerationRequest(OpenAIModel):
         """Request values over ``model_config`` defaults over OpenAI's defaults."""
         defaults = defaults or {}
         stop = self.stop if self.stop is not None else defaults.get("stop")
+        temperature = _first(self.temperature, defaults.get("temperature"), 1.0)
+        top_p = _first(self.top_p, defaults.get("top_p"), 1.0)
+        if _below_eps(temperature) or _below_eps(top_p):
+            # Greedy is the limit of both; the kernels divide logits by the temperature, and
+            # 1/1e-300 is inf in float32, which makes every probability NaN.
+            temperature, top_p = 0.0, 1.0
         return GenerationParams(
             max_tokens=self.max_completion_tokens or self.max_tokens or defaults.get("max_tokens"),
-            temperature=_first(self.temperature, defaults.get("temperature"), 1.0),
-            top_p=_first(self.top_p, defaults.get("top_p"), 1.0),
+            temperature=temperature,
+            top_p=top_p,
             top_k=_first(self.top_k, defaults.get("top_k")),
             n=self.n,
             stop=tuple([stop] if isinstance(stop, str) else stop or ()),
@@ -174,15 +186,23 @@ class CompletionRequest(_GenerationRequest):
     def _non_empty(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not value:
             raise ValueError("must not be an empty list")
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise ValueError("must not be or contain an empty string: there is nothing to continue")
         return value
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("'echo' is not supported: the prompt is never returned")
-        if self.suffix:
-            raise ValueError("'suffix' (insertion) is not supported by causal language models")
-        return self
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("is not supported: the prompt is never returned")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("(insertion) is not supported by causal language models")
+        return value
 
     @property
     def prompts(self) -> list[str]:
@@ -304,6 +324,25 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, for every failure the server answers."""
+
+    error: ErrorDetail
+
+    @classmethod
+    def of(
+        cls, message: str, *, kind: str, param: str | None = None, code: str | int | None = None
+    ) -> ErrorResponse:
+        return cls(error=ErrorDetail(message=message, type=kind, param=param, code=code))
+
+
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
@@ -326,8 +365,14 @@ def _translate(err: ValidationError) -> InvalidInputError:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         message = "is required"
-    return InvalidInputError(f"Invalid request: '{location}' {message}.", param=location or None)
+    if not location:
+        return InvalidInputError(f"Invalid request: {message}.")
+    return InvalidInputError(f"Invalid request: '{location}' {message}.", param=location)
 
 
 def _first(*values: Any) -> Any:
     return next((value for value in values if value is not None), None)
+
+
+def _below_eps(value: Any) -> bool:
+    return isinstance(value, int | float) and value < SAMPLING_EPS

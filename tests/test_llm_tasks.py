@@ -374,3 +374,16 @@ def test_seed_faq_model_config_defaults_include_stop(tiny_gpt2_dir: Path, tmp_pa
     assert default["text"] == full[: full.find(stop)]
     assert default["finish_reason"] == "stop"
     assert overridden["text"] == full
+
+
+@pytest.mark.parametrize(("field", "value"), [("echo", True), ("suffix", " the end")])
+def test_completions_echo_and_suffix_are_rejected_through_pyfunc_not_dropped(
+    tiny_gpt2_dir: Path, tmp_path: Path, field: str, value: Any
+):
+    tfx.save_model(tiny_gpt2_dir, tmp_path / "m", task="llm/v1/completions")
+    model = mlflow.pyfunc.load_model(str(tmp_path / "m"))  # MLflow's schema enforcement first
+
+    with pytest.raises(InvalidInputError, match=field) as info:
+        model.predict({"prompt": "Hello", "max_tokens": 2, field: value})
+    assert info.value.param == field
+    assert model.predict({"prompt": "Hello", "max_tokens": 2, "echo": False})["choices"]

@@ -12,8 +12,13 @@ Two engines share one async interface (:class:`GenerationEngine`):
   models the continuous-batching manager cannot run, and requests it cannot express
   (``seed``, ``repetition_penalty``).
 
-Embeddings go through the same :class:`MicroBatcher`. Model work always runs off the
-event loop, so ``/health`` and ``/metrics`` answer under load.
+Embeddings go through the same :class:`MicroBatcher`. Model work, and tokenizing, always
+run off the event loop, so ``/health`` and ``/metrics`` answer under load.
+
+No request can fail another: sampling parameters are checked (or made greedy) before a
+request joins a batch (:func:`runnable_params`), a micro-batch fails per group of equal
+parameters, and if transformers' loop dies anyway, its requests fail and the engine
+restarts it (a bounded number of times per window).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import logging
 import math
 import threading
+import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +45,7 @@ from mlflow_tfx_plugin.generation import (
     cancel_criterion,
     cut_at_stop,
     partial_stop_length,
+    runnable_params,
 )
 from mlflow_tfx_plugin.protocol import GenerationParams
 
@@ -73,6 +80,10 @@ class EngineSettings:
     #: the vocabulary every step), so greedy requests decode faster; sampled requests go
     #: through micro-batching, pausing the loop while they run.
     greedy_only: bool = False
+    #: Restarts of a continuous-batching loop that died, at most this many per window; past
+    #: them the engine reports unhealthy until the window allows another.
+    max_loop_restarts: int = 3
+    loop_restart_window_s: float = 60.0
 
 
 class GenerationEngine(Protocol):
@@ -106,14 +117,15 @@ class MicroBatcher(Generic[ItemT, ResultT]):
 
     Args:
         run_batch: turns a list of items into a list of results (same order). It runs on
-            the worker thread; an exception fails every item of that batch.
+            the worker thread; a result that is an exception fails its item only, an
+            exception raised fails every item of that batch.
         max_batch_size: most items per batch.
         window_s: how long to wait for more items once the first one arrives.
     """
 
     def __init__(
         self,
-        run_batch: Callable[[list[ItemT]], list[ResultT]],
+        run_batch: Callable[[list[ItemT]], Sequence[ResultT | Exception]],
         *,
         max_batch_size: int,
         executor: ThreadPoolExecutor,
@@ -174,7 +186,11 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     future.set_exception(err)
             return
         for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
                 future.set_result(result)
 
     def close(self) -> None:
@@ -226,12 +242,14 @@ class MicroBatchingEngine:
     async def generate(
         self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
     ) -> PromptResult:
+        params = runnable_params(params)
         check_max_tokens(params, self.settings)
         return await self._batcher.submit(_GenerationItem(prompt, params, add_special_tokens))
 
     async def stream(
         self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
     ) -> AsyncGenerator[StreamDelta, None]:
+        params = runnable_params(params)
         check_max_tokens(params, self.settings)
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[StreamDelta | BaseException | None] = asyncio.Queue()
@@ -247,7 +265,7 @@ class MicroBatchingEngine:
                     for event in events:
                         loop.call_soon_threadsafe(deltas.put_nowait, event)
             except BaseException as err:  # handed to the consumer, raised there
-                loop.call_soon_threadsafe(deltas.put_nowait, err)
+                loop.call_soon_threadsafe(deltas.put_nowait, _request_error(err))
             loop.call_soon_threadsafe(deltas.put_nowait, None)
 
         producer = loop.run_in_executor(self._stream_executor, produce)
@@ -260,18 +278,26 @@ class MicroBatchingEngine:
             cancel.set()
             await asyncio.shield(producer)
 
-    def _generate_batch(self, items: list[_GenerationItem]) -> list[PromptResult]:
+    def _generate_batch(self, items: list[_GenerationItem]) -> list[PromptResult | Exception]:
+        """One ``generate`` per group of equal parameters; a failing group fails alone."""
         groups: dict[tuple[GenerationParams, bool], list[int]] = {}
         for index, item in enumerate(items):
             groups.setdefault((item.params, item.add_special_tokens), []).append(index)
-        results: list[PromptResult | None] = [None] * len(items)
+        results: list[PromptResult | Exception] = [EngineError("No result.")] * len(items)
         for (params, add_special), indices in groups.items():
             prompts = [items[i].prompt for i in indices]
-            with self.exclusive():
-                generated = self.generator.generate(prompts, params, add_special_tokens=add_special)
+            try:
+                with self.exclusive():
+                    generated: Sequence[PromptResult | Exception] = self.generator.generate(
+                        prompts, params, add_special_tokens=add_special
+                    )
+            except Exception as err:
+                if not isinstance(err, InvalidInputError):
+                    _logger.exception("Generation failed for %d request(s).", len(indices))
+                generated = [cast(Exception, _request_error(err))] * len(indices)
             for index, result in zip(indices, generated, strict=True):
                 results[index] = result
-        return [result for result in results if result is not None]
+        return results
 
     def close(self) -> None:
         self._batcher.close()
@@ -306,12 +332,18 @@ class ContinuousBatchingEngine:
         self.settings = settings
         self.solo_requests = 0
         self.handoffs = 0
+        self.loop_restarts = 0
+        self._restart_times: list[float] = []
+        self._loop_failure_handled = False
+        self._pausers = 0  # threads in or waiting for exclusive(): no restart meanwhile
+        self._restart_lock = threading.Lock()  # guards the one above, and restarts
         self._manager = _start_manager(generator, settings)
         self._generate_lock = threading.Lock()  # one plain generate at a time: solo or fallback
         self._fallback = MicroBatchingEngine(
             generator, settings, exclusive=self._exclusive_generate
         )
         self._solo_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfx-solo")
+        self._tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfx-tok")
         self._in_flight = 0
         self._solo: _SoloRun | None = None
         self._in_flight_lock = threading.Lock()  # guards the two above
@@ -332,13 +364,21 @@ class ContinuousBatchingEngine:
         """Requests (sequences) being generated, solo, in the manager or as a fallback."""
         return self._in_flight
 
-    def exclusive(self) -> AbstractContextManager[Any]:
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
         """Pause the generation loop at a step boundary (its sequences and cache are kept).
 
         The manager's forward passes change state the model shares, so any other
         forward pass on the same model must not overlap them.
         """
-        return cast(AbstractContextManager[Any], self._manager.pause())
+        with self._restart_lock:
+            self._pausers += 1
+        try:
+            with cast(AbstractContextManager[Any], self._manager.pause()):
+                yield
+        finally:
+            with self._restart_lock:
+                self._pausers -= 1
 
     @contextmanager
     def _exclusive_generate(self) -> Iterator[None]:
@@ -349,6 +389,7 @@ class ContinuousBatchingEngine:
     async def generate(
         self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
     ) -> PromptResult:
+        params = runnable_params(params)
         if self._needs_fallback(params):
             with self._admitted():
                 return await self._fallback.generate(
@@ -367,6 +408,7 @@ class ContinuousBatchingEngine:
     async def stream(
         self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
     ) -> AsyncGenerator[StreamDelta, None]:
+        params = runnable_params(params)
         if params.n != 1:
             raise InvalidInputError("Streaming supports n=1 only.", param="n")
         counted: AbstractContextManager[Any] = nullcontext()  # _outputs counts its requests
@@ -398,7 +440,9 @@ class ContinuousBatchingEngine:
         self, prompt: str, params: GenerationParams, add_special_tokens: bool
     ) -> AsyncGenerator[StreamDelta, None]:
         """Text deltas of one sequence; stop strings are cut, partial ones held back."""
-        input_ids = self._encode(prompt, add_special_tokens)
+        input_ids = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_executor, self._encode, prompt, add_special_tokens
+        )
         max_new = self._max_new_tokens(params, len(input_ids))
         tokenizer = self.generator.tokenizer
         emitted, tokens = 0, []
@@ -591,13 +635,14 @@ class ContinuousBatchingEngine:
             return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
         return {
             "temperature": float(params.temperature),
-            "top_k": int(params.top_k or self._vocab_size),
+            "top_k": min(int(params.top_k or self._vocab_size), self._vocab_size),
             "top_p": float(params.top_p),
         }
 
     @property
     def healthy(self) -> bool:
-        """Whether the generation loop is still running (it stops on a fatal error)."""
+        """Whether the generation loop is running (between a fatal error and its restart,
+        or once restarts are used up for the window, it is not)."""
         return bool(self._manager.is_running())
 
     def _dispatch(self) -> None:
@@ -606,7 +651,8 @@ class ContinuousBatchingEngine:
             output = self._manager.get_result(timeout=0.1)
             if output is None:
                 if not self.healthy and not self._stopping.is_set():
-                    self._fail_waiting(EngineError("The generation loop stopped; see the log."))
+                    self._recover()
+                    self._stopping.wait(0.05)  # get_result does not wait once the loop is gone
                 continue
             step = [output]
             while (more := self._manager.get_result(timeout=0)) is not None:
@@ -619,6 +665,38 @@ class ContinuousBatchingEngine:
                     loop, queue = sink
                     loop.call_soon_threadsafe(queue.put_nowait, out)
 
+    def _recover(self) -> None:
+        """The loop is gone: fail the requests that waited on it, and restart it if it died
+        of an error (not a stop) and the restart budget allows."""
+        fatal = getattr(self._manager.background_thread_status, "fatal_error", None)
+        if not self._loop_failure_handled:
+            self._loop_failure_handled = True
+            _logger.error("The generation loop stopped: %s", fatal or "stopped")
+        # Every tick while it is down: a request is never left waiting on a loop that is gone.
+        self._fail_waiting(EngineError(f"The generation loop stopped: {fatal or 'stopped'}."))
+        if fatal is None:
+            return  # stopped on purpose
+        now = time.monotonic()
+        window = self.settings.loop_restart_window_s
+        self._restart_times = [t for t in self._restart_times if now - t < window]
+        if len(self._restart_times) >= self.settings.max_loop_restarts:
+            return  # unhealthy until the oldest restart leaves the window
+        with self._restart_lock:
+            # A thread still waiting for a pause of the dead loop is about to fail; starting
+            # now would clear its pause request from under it.
+            if self._pausers or self._stopping.is_set():
+                return
+            self._manager.start()
+        self._restart_times.append(now)
+        self.loop_restarts += 1
+        self._loop_failure_handled = False
+        _logger.warning(
+            "Restarted the generation loop (%d of at most %d restarts per %g s).",
+            len(self._restart_times),
+            self.settings.max_loop_restarts,
+            window,
+        )
+
     def _fail_waiting(self, error: EngineError) -> None:
         with self._sinks_lock:
             sinks = list(self._sinks.values())
@@ -626,11 +704,7 @@ class ContinuousBatchingEngine:
             loop.call_soon_threadsafe(queue.put_nowait, error)
 
     def _encode(self, prompt: str, add_special_tokens: bool) -> list[int]:
-        input_ids = self.generator.tokenizer(prompt, add_special_tokens=add_special_tokens)[
-            "input_ids"
-        ]
-        self.generator.check_prompt_length(len(input_ids))
-        return list(input_ids)
+        return self.generator.encode(prompt, add_special_tokens=add_special_tokens)
 
     def _max_new_tokens(self, params: GenerationParams, prompt_tokens: int) -> int:
         check_max_tokens(params, self.settings)
@@ -650,10 +724,13 @@ class ContinuousBatchingEngine:
 
     def close(self) -> None:
         self._stopping.set()
+        with self._restart_lock:  # no restart after this
+            pass
         self._manager.stop(block=True, timeout=10)
         self._dispatcher.join(timeout=5)
         self._fallback.close()
         self._solo_executor.shutdown(wait=False, cancel_futures=True)
+        self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -717,6 +794,14 @@ def _token_streamer(on_token: Callable[[int], None]) -> Any:
             pass
 
     return TokenStreamer()
+
+
+def _request_error(err: BaseException) -> BaseException:
+    """What a request's caller gets for a failure: input errors as they are, the rest as an
+    :class:`EngineError` (the server answers both, even in the middle of a stream)."""
+    if isinstance(err, TfxError) or not isinstance(err, Exception):
+        return err  # TfxError: the plugin's own (input errors, EngineError); or a cancellation
+    return EngineError(f"Generation failed: {err}")
 
 
 def _raise_if_failed(output: Any) -> None:

@@ -6,11 +6,16 @@ DIR --name NAME --config-json '{...}'``; the API key, when there is one, comes f
 
 On ``update`` the new server binds the same port with ``SO_REUSEPORT``, listens only once its
 model is loaded, and then takes every new connection (:func:`steer_new_connections_to`).
+
+uvicorn runs with limits (:func:`uvicorn_config`): request headers must arrive within
+``HEADER_TIMEOUT_S`` and fit in ``MAX_HEADER_BYTES``, an idle keep-alive connection closes
+after ``KEEP_ALIVE_S``; the app itself bounds the time a body takes.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import json
 import logging
@@ -18,10 +23,13 @@ import os
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, DeploymentConfig
 from mlflow_tfx_plugin.errors import InvalidInputError
@@ -32,6 +40,11 @@ if TYPE_CHECKING:
 _logger = logging.getLogger("mlflow_tfx_plugin.server")
 
 SHUTDOWN_DEADLINE_S = float(os.environ.get("MLFLOW_TFX_SHUTDOWN_TIMEOUT", "30"))
+#: Seconds a server keeps accepting after SIGTERM, before its graceful shutdown.
+DRAIN_S = 1.0
+HEADER_TIMEOUT_S = float(os.environ.get("MLFLOW_TFX_HEADER_TIMEOUT", "10"))
+KEEP_ALIVE_S = 5
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers: h11's default, made explicit
 _SO_ATTACH_REUSEPORT_CBPF = 51  # Linux <asm-generic/socket.h>
 _BPF_RET_K = 0x06  # BPF_RET | BPF_K: return the constant k
 
@@ -54,17 +67,7 @@ def serve(
     app = create_app(
         name, config, model_dir=model_dir, api_key=api_key, listen_after_load=listen_after_load
     )
-    server = _Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_level="info",
-            access_log=False,
-            timeout_graceful_shutdown=int(SHUTDOWN_DEADLINE_S),
-        ),
-        takes_over_port=listen_after_load,
-    )
+    server = _Server(uvicorn_config(app, config), takes_over_port=listen_after_load)
     state: ServerState = app.state.tfx
     state.stop_server = lambda: setattr(server, "should_exit", True)
     _logger.info("Serving %s from %s on http://%s:%d", name, model_dir, config.host, config.port)
@@ -73,12 +76,104 @@ def serve(
     return 1 if state.load_error or not server.started else 0
 
 
+def uvicorn_config(app: Any, config: DeploymentConfig) -> uvicorn.Config:
+    """uvicorn's settings for the deployment server, limits included."""
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port or 0,
+        http=LimitedH11Protocol,  # also where httptools is installed, so the limits hold
+        log_level="info",
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_graceful_shutdown=int(SHUTDOWN_DEADLINE_S),
+    )
+
+
+class LimitedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for request headers and JSON protocol errors.
+
+    uvicorn itself times only idle keep-alive connections: one that sends half its headers
+    (slow loris), or nothing at all, would stay open forever.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:  # a request has begun, or not even that
+            self._await_headers()
+        else:
+            self._cancel_header_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        from mlflow_tfx_plugin.protocol import ErrorResponse
+
+        body = ErrorResponse.of(msg, kind="invalid_request_error").model_dump_json().encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+    def _await_headers(self) -> None:
+        if self._header_deadline is None and not self.transport.is_closing():
+            self._header_deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_late(self) -> None:
+        self._header_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            _logger.info(
+                "Closing a connection whose request headers took over %g s", HEADER_TIMEOUT_S
+            )
+            self.transport.close()
+
+
 class _Server(uvicorn.Server):
-    """uvicorn's server; when it replaces another one on the port, it takes all new connections."""
+    """uvicorn's server; when it replaces another one on the port, it takes all new connections.
+
+    On SIGTERM it keeps accepting and serving for :data:`DRAIN_S` before uvicorn's graceful
+    shutdown starts. By then a successor on the port takes every new connection, so the
+    accept queue is empty when the socket closes (Linux resets what is left in it), and a
+    connection accepted just before the signal has sent its request: uvicorn closes
+    connections that have none in progress.
+    """
 
     def __init__(self, config: uvicorn.Config, *, takes_over_port: bool) -> None:
         super().__init__(config)
         self.takes_over_port = takes_over_port
+        self._exit_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._exit_at is None and not self.should_exit:
+            _logger.info("Stopping in %.1f s: serving what is on its way first.", DRAIN_S)
+            self._exit_at = time.monotonic() + DRAIN_S
+            return
+        super().handle_exit(sig, frame)  # a second signal: uvicorn's own (forced) exit
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and time.monotonic() >= self._exit_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)

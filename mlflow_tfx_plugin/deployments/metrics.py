@@ -31,7 +31,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "tfx_requests",
-            "HTTP requests answered, by route and status code.",
+            "HTTP requests answered, by route and status code (499: the client closed the "
+            "connection before its request was read).",
             ["route", "status"],
             registry=self.registry,
         )

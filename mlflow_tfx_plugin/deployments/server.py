@@ -5,7 +5,9 @@ uvicorn, port hand-over).
 
 Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
 ``/invocations`` (the ``mlflow models serve`` payloads); ``GET /v1/models``, ``/health``
-(200 once the model is loaded and warmed up, 503 before) and ``/metrics`` (Prometheus).
+(200 once the model is loaded and warmed up, 503 before), ``/metrics`` (Prometheus) and
+``/openapi.json``. Every failure is answered by :func:`api_error`'s mapping, as OpenAI's
+error JSON, and leaves the connection usable.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +30,11 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
-from pydantic_core import to_json
+from pydantic_core import from_json, to_json
 from starlette import responses as starlette_responses
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, DeploymentConfig
 from mlflow_tfx_plugin.deployments.engine import EngineError
@@ -43,10 +47,17 @@ from mlflow_tfx_plugin.deployments.service import (
     require_model_name,
 )
 from mlflow_tfx_plugin.errors import InvalidInputError, UnsupportedTaskError
+from mlflow_tfx_plugin.protocol import ErrorResponse
+from mlflow_tfx_plugin.tasks.llm import LLMAdapter
 
 _logger = logging.getLogger("mlflow_tfx_plugin.server")
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Seconds a request body may take to arrive once its headers have (then 408, and the
+#: connection closes); the header deadline is the listener's.
+BODY_TIMEOUT_S = float(os.environ.get("MLFLOW_TFX_BODY_TIMEOUT", "30"))
+MAX_JSON_DEPTH = 200  # pydantic-core's parser limit; deeper bodies are a 400
+_JSON_ERROR_AT = re.compile(r"at line (\d+) column (\d+)$")
 _PASSTHROUGH_KEYS = {"messages": "chat", "prompt": "completions", "input": "embeddings"}
 _PYFUNC_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
@@ -59,10 +70,17 @@ class JSONResponse(starlette_responses.JSONResponse):
 
 
 class APIError(Exception):
-    """An error answered as OpenAI's error JSON with an HTTP status."""
+    """An error answered as OpenAI's error JSON with an HTTP status (and headers)."""
 
     def __init__(
-        self, status: int, message: str, *, kind: str, param: str | None = None, code: Any = None
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str,
+        param: str | None = None,
+        code: Any = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = (
@@ -72,10 +90,68 @@ class APIError(Exception):
             param,
             code,
         )
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        error = ErrorResponse.of(self.message, kind=self.kind, param=self.param, code=self.code)
+        return error.model_dump()
 
     def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def api_error(err: BaseException) -> APIError:
+    """The one mapping from an exception to its HTTP status and OpenAI error."""
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, InvalidInputError):
+        status, code = 400, None
+        if isinstance(err, UnknownModelError):
+            status, code = 404, "model_not_found"
+        elif isinstance(err, UnsupportedTaskError):
+            status = 404
+        return APIError(
+            status, err.message, kind="invalid_request_error", param=err.param, code=code
+        )
+    if isinstance(err, StarletteHTTPException):  # 404 and 405 (with its Allow header)
+        return APIError(
+            err.status_code, str(err.detail), kind="invalid_request_error", headers=err.headers
+        )
+    if isinstance(err, ClientDisconnect):  # nginx's 499: nobody reads it, /metrics counts it
+        return APIError(499, "The client closed the connection.", kind="client_closed_request")
+    return APIError(500, f"Internal error: {err}", kind="server_error")
+
+
+class ErrorMiddleware:
+    """Answers any exception that escapes the app with :func:`api_error`'s JSON.
+
+    Starlette's own last-resort handler re-raises after answering, and uvicorn then closes
+    the connection, so the client's next request on it would fail.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception as err:
+            if started:  # half a response: only closing the connection tells the client
+                raise
+            error = api_error(err)
+            if error.status >= 500:
+                _logger.exception("Unexpected error on %s", scope["path"])
+            await error.response()(scope, receive, send)
 
 
 @dataclass
@@ -133,9 +209,16 @@ def create_app(
         if state.served is not None:
             state.served.close()
 
-    app = FastAPI(title=f"tfx deployment {name}", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title=f"tfx deployment {name}",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # served by _add_routes, behind the API key
+    )
     app.state.tfx = state
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(ErrorMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)  # outermost: sees every status
     _add_error_handlers(app)
     _add_routes(app, state)
     return app
@@ -183,7 +266,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             status = "failed" if state.load_error else "loading"
             return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
         if not state.served.healthy:
-            failed = {"status": "failed", "error": "the generation loop stopped; see the log"}
+            down = "the generation loop is down (it restarts up to 3 times a minute); see the log"
+            failed = {"status": "failed", "error": down}
             return JSONResponse(failed, status_code=503)
         ready = {"status": "ready", "model": state.name, "task": state.served.task}
         return JSONResponse({**ready, "pid": os.getpid()})
@@ -191,6 +275,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/metrics", dependencies=auth)
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
@@ -225,24 +313,90 @@ def _post_route(
 
 
 async def read_body(request: Request) -> dict[str, Any]:
-    """The JSON object of a request: 413 when too large, 400 when not a JSON object."""
+    """The JSON object of a request: 413 when too large, 408 when it does not arrive within
+    ``BODY_TIMEOUT_S``, 400 when not a JSON object."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _too_large()
+    try:
+        body = await asyncio.wait_for(_body_bytes(request), BODY_TIMEOUT_S)
+    except TimeoutError:
+        raise APIError(
+            408,
+            f"The request body did not arrive within {BODY_TIMEOUT_S:g} s.",
+            kind="invalid_request_error",
+            code="request_timeout",
+            headers={"Connection": "close"},  # the rest of the body may still be on its way
+        ) from None
+    return parse_json_object(body)
+
+
+async def _body_bytes(request: Request) -> bytes:
     body = bytearray()
     async for piece in request.stream():
         body += piece
         if len(body) > MAX_BODY_BYTES:
             raise _too_large()
+    return bytes(body)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; a 400 naming where it is malformed otherwise.
+
+    pydantic-core's parser also rejects what would fail later as a 500: text that is not
+    valid Unicode (lone surrogates such as ``"\\ud800"``) and nesting deeper than
+    ``MAX_JSON_DEPTH`` (``json.loads`` raises RecursionError past ~1000).
+    """
+    if not body.strip():
+        raise InvalidInputError("The request body is empty: send a JSON object.")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidInputError(f"The request body is not valid JSON: {err}.") from None
+        data = from_json(body)
+    except ValueError as err:
+        raise _json_error(body, str(err)) from None
     if not isinstance(data, dict):
         raise InvalidInputError(
             f"The request body must be a JSON object, got {type(data).__name__}."
         )
     return data
+
+
+def _json_error(body: bytes, reason: str) -> InvalidInputError:
+    path = _json_error_path(body, reason)
+    where = f" in '{path}'" if path else ""
+    if reason.startswith("recursion limit exceeded"):
+        top = path.split(".")[0] if path else None
+        return InvalidInputError(
+            f"The request body nests deeper than {MAX_JSON_DEPTH} levels"
+            f"{f' in {top!r}' if top else ''}.",
+            param=top,
+        )
+    if "surrogate" in reason or "unicode" in reason or "escape" in reason:
+        return InvalidInputError(
+            f"The request body has invalid text{where} ({reason}): strings must be valid "
+            "Unicode, without lone surrogates such as \\ud800.",
+            param=path,
+        )
+    return InvalidInputError(f"The request body is not valid JSON: {reason}.", param=path)
+
+
+def _json_error_path(body: bytes, reason: str) -> str | None:
+    """The dotted path (``messages.0.content``) of the value a parse error is in."""
+    match = _JSON_ERROR_AT.search(reason)
+    if match is None:
+        return None
+    line, column = int(match[1]), int(match[2])
+    lines = body.split(b"\n", line - 1)[: line - 1]
+    offset = sum(len(text) + 1 for text in lines) + column - 1  # columns count bytes
+    try:
+        node = from_json(body[: max(offset, 0)], allow_partial="trailing-strings")
+    except ValueError:
+        return None
+    parts: list[str] = []
+    while isinstance(node, dict | list) and node:
+        key: Any = next(reversed(node)) if isinstance(node, dict) else len(node) - 1
+        parts.append(str(key))
+        node = node[key]
+    return ".".join(parts) or None
 
 
 def _model_for(state: ServerState, body: dict[str, Any]) -> ServedModel:
@@ -332,6 +486,8 @@ async def _invocations(state: ServerState, body: dict[str, Any]) -> Response:
     if passthrough == "embeddings" and served.embeddings is not None:
         return await _embeddings(state, body)
     data = _pyfunc_input(body)
+    if isinstance(served.adapter, LLMAdapter):
+        _check_requests(body, data)
     predictions = await _with_timeout(state, served.predict(data, body.get("params")))
     for prediction in predictions if isinstance(predictions, list) else [predictions]:
         if isinstance(prediction, dict):
@@ -358,6 +514,22 @@ def _pyfunc_input(body: dict[str, Any]) -> Any:
     return body[key]
 
 
+def _check_requests(body: dict[str, Any], data: Any) -> None:
+    """An ``llm/v1`` model takes one OpenAI request object or a list of them."""
+    key = next((key for key in _PYFUNC_FORMATS if key in body), None)
+    if data == []:
+        raise InvalidInputError(f"'{key}' holds no request.", param=key)
+    records = data if isinstance(data, list) else [data]
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            where = f"{key}.{index}" if isinstance(data, list) else key
+            raise InvalidInputError(
+                f"'{where}' must be an OpenAI request object (with 'messages', 'prompt' or "
+                f"'input'), got {type(record).__name__}.",
+                param=where,
+            )
+
+
 def _split_records(split: Any) -> list[dict[Any, Any]]:
     """The rows of a ``dataframe_split`` payload as the records pandas would make of them."""
     rows = split.get("data") if isinstance(split, dict) else None
@@ -369,6 +541,15 @@ def _split_records(split: Any) -> list[dict[Any, Any]]:
         )
     width = max((len(row) for row in rows), default=0)
     columns = split.get("columns") or list(range(width))
+    if (
+        not isinstance(columns, list)
+        or not all(isinstance(name, str | int) for name in columns)
+        or len(set(columns)) != len(columns)
+    ):
+        raise InvalidInputError(
+            "dataframe_split 'columns' must be a list of distinct column names.",
+            param="dataframe_split.columns",
+        )
     if any(len(row) != len(columns) for row in rows):
         raise InvalidInputError(
             f"dataframe_split has {len(columns)} columns, but a row of a different length.",
@@ -426,8 +607,8 @@ async def _stream(
                         continue
                 yield _sse(chunk)
         except (TimeoutError, EngineError) as err:
-            error = _timeout(state) if isinstance(err, TimeoutError) else _server_error(err)
-            yield f"data: {json.dumps({'error': _error_body(error)})}\n\n"
+            error = _timeout(state) if isinstance(err, TimeoutError) else api_error(err)
+            yield f"data: {json.dumps(error.body())}\n\n"
         finally:
             await chunks.aclose()  # a client that went away cancels its generation here
         yield "data: [DONE]\n\n"
@@ -466,37 +647,16 @@ def _authorizer(state: ServerState) -> Callable[[Request], Awaitable[None]]:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, err: APIError) -> JSONResponse:
-        return err.response()
+    """Expected errors are answered where they are raised; the rest by ErrorMiddleware.
 
-    @app.exception_handler(InvalidInputError)
-    async def invalid_input(request: Request, err: InvalidInputError) -> JSONResponse:
-        status, code = 400, None
-        if isinstance(err, UnknownModelError):
-            status, code = 404, "model_not_found"
-        elif isinstance(err, UnsupportedTaskError):
-            status = 404
-        return APIError(
-            status, err.message, kind="invalid_request_error", param=err.param, code=code
-        ).response()
+    No handler for ``Exception``: Starlette re-raises after running it (see ErrorMiddleware).
+    """
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return APIError(err.status_code, str(err.detail), kind="invalid_request_error").response()
+    async def answer(request: Request, err: Exception) -> JSONResponse:
+        return api_error(err).response()
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception) -> JSONResponse:
-        _logger.exception("Unexpected error on %s", request.url.path)
-        return _server_error(err).response()
-
-
-def _server_error(err: Exception) -> APIError:
-    return APIError(500, f"Internal error: {err}", kind="server_error")
-
-
-def _error_body(error: APIError) -> dict[str, Any]:
-    return {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}
+    for expected in (APIError, InvalidInputError, StarletteHTTPException, ClientDisconnect):
+        app.add_exception_handler(expected, answer)
 
 
 def _too_large() -> APIError:

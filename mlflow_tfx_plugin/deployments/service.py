@@ -2,7 +2,9 @@
 
 Requests are validated by the same pydantic models and adapters as ``mlflow.pyfunc``
 (so the same input gets the same 400 everywhere); only the model calls differ: they go
-through the batching engines in :mod:`.engine` instead of running one at a time.
+through the batching engines in :mod:`.engine` instead of running one at a time. Chat
+templates run in a worker thread, as tokenizing does: a prompt of megabytes must not
+stall the event loop.
 """
 
 from __future__ import annotations
@@ -173,14 +175,14 @@ class ServedModel:
     async def chat_completion(self, request: ChatCompletionRequest) -> dict[str, Any]:
         assert self.chat is not None and self.engine is not None
         params = request.generation_params(self.chat.model_config)
-        prompt = self.chat.prompt(request)
+        prompt = await asyncio.to_thread(self.chat.prompt, request)
         result = await self.engine.generate(prompt, params, add_special_tokens=False)
         return self.chat.response(request, result).model_dump()
 
     async def chat_stream(self, request: ChatCompletionRequest) -> AsyncGenerator[BaseModel, None]:
         assert self.chat is not None and self.engine is not None
         params = request.generation_params(self.chat.model_config)
-        prompt = self.chat.prompt(request)
+        prompt = await asyncio.to_thread(self.chat.prompt, request)
         chunker = ChatChunker(self.name, include_usage=True)  # the server counts tokens
         events = self.engine.stream(prompt, params, add_special_tokens=False)
         async with aclosing(events):  # closing the stream cancels the generation

@@ -30,8 +30,15 @@ class CompletionsAdapter(GenerativeAdapter):
     @classmethod
     def input_schema(cls) -> Schema:
         from mlflow.types.llm import COMPLETIONS_MODEL_INPUT_SCHEMA
+        from mlflow.types.schema import ColSpec, Schema
 
-        return extend_schema(COMPLETIONS_MODEL_INPUT_SCHEMA)
+        # echo and suffix are declared so that they reach the request model, which rejects
+        # them: left out, MLflow's schema enforcement would drop them without a word.
+        unsupported = (
+            ColSpec("boolean", "echo", required=False),
+            ColSpec("string", "suffix", required=False),
+        )
+        return Schema([*extend_schema(COMPLETIONS_MODEL_INPUT_SCHEMA).inputs, *unsupported])
 
     @classmethod
     def output_schema(cls) -> Schema:

@@ -62,6 +62,13 @@ class LLMAdapter(TaskAdapter):
             raise InvalidInputError(
                 f"Expected an OpenAI request object (or a list of them), got {type(data).__name__}."
             )
+        for index, record in enumerate(records):
+            if not isinstance(record, Mapping):
+                raise InvalidInputError(
+                    f"Request {index} must be an OpenAI request object, got "
+                    f"{type(record).__name__}.",
+                    param=str(index),
+                )
         overrides = {k: v for k, v in (params or {}).items() if v is not None}
         return [
             parse_request(self.request_model, {**overrides, **_present(record)})
