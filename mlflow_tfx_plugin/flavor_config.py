@@ -21,6 +21,14 @@ STOCK_COMPONENTS_DIR = "components"
 OLD_STOCK_MODEL_DIR = "pipeline"
 #: MLmodel metadata key of the model's prompt template.
 PROMPT_TEMPLATE_KEY = "prompt_template"
+#: The ``instance_type`` stock writes for the tasks whose pipelines transformers 5 removed
+#: (this flavor runs them with runners of its own).
+_STOCK_PIPELINE_CLASSES = {
+    "text2text-generation": "Text2TextGenerationPipeline",
+    "summarization": "SummarizationPipeline",
+    "translation": "TranslationPipeline",
+    "question-answering": "QuestionAnsweringPipeline",
+}
 
 
 @dataclass(kw_only=True)
@@ -70,7 +78,8 @@ class FlavorConfig:
         stock_components = [name for name in self.components if name != "processor"]
         data: dict[str, Any] = {
             "task": self.task,
-            "instance_type": self.pipeline_class,
+            "instance_type": _STOCK_PIPELINE_CLASSES.get(self.task, self.pipeline_class),
+            "framework": "pt",
             "pipeline_model_type": self.model_class,
             "source_model_name": self.source_model_name,
             "components": stock_components,
@@ -92,7 +101,7 @@ class FlavorConfig:
         if "processor" in self.components:
             data["processor_type"] = self.components["processor"]
         if self.torch_dtype:
-            data["torch_dtype"] = self.torch_dtype
+            data["torch_dtype"] = f"torch.{self.torch_dtype}"  # stock's spelling
         if self.peft_adapter_dir:
             data["peft_adaptor"] = self.peft_adapter_dir
         return {key: value for key, value in data.items() if value is not None}

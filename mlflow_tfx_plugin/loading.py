@@ -24,6 +24,7 @@ from mlflow_tfx_plugin.checkpoint import checked_base_model_path
 from mlflow_tfx_plugin.errors import InvalidInputError, ModelNotFoundError
 from mlflow_tfx_plugin.flavor_config import (
     FLAVOR_NAME,
+    OLD_STOCK_MODEL_DIR,
     PROMPT_TEMPLATE_KEY,
     STOCK_COMPONENTS_DIR,
     STOCK_FLAVOR_NAME,
@@ -161,7 +162,7 @@ def _weights_location(
     if config.local_base_model_path:
         return checked_base_model_path(base_model_path or config.local_base_model_path)
     if not config.reference_only:
-        return model_path / config.model_dir
+        return saved_model_dir(model_path, config)
     if not config.source_model_name or not config.source_model_revision:
         raise ModelNotFoundError(
             f"The model at '{model_path}' was logged without weights and without the commit "
@@ -219,10 +220,18 @@ def _load_preprocessors(
 
 def _preprocessor_dir(model_path: Path, config: FlavorConfig, name: str) -> str | Path:
     if not config.is_stock_layout:
-        return model_path / config.model_dir
+        return saved_model_dir(model_path, config)
     directory = model_path / STOCK_COMPONENTS_DIR / name
     # Stock reference-only models may keep no component files: fetch them at the commit.
     return directory if directory.is_dir() else str(config.source_model_name)
+
+
+def saved_model_dir(model_path: Path, config: FlavorConfig) -> Path:
+    """Where the checkpoint is: ``model_dir``, or ``pipeline/`` where MLflow before 2.4.1
+    wrote it (a model whose ``model/`` was renamed so: MLflow's own tests make them)."""
+    directory = model_path / config.model_dir
+    old = model_path / OLD_STOCK_MODEL_DIR
+    return old if not directory.is_dir() and old.is_dir() else directory
 
 
 def _attach_peft_adapter(model: Any, adapter_dir: Path) -> Any:

@@ -64,13 +64,22 @@ def _card_from_readme(readme: Path | None) -> Any:
 
 
 def _write_license(source_dir: Path | None, destination: Path, card: Any) -> None:
+    """The checkpoint's LICENSE file; else a note, as stock writes one, naming the card's
+    declared license when there is one."""
     for name in _LICENSE_NAMES:
         if source_dir is not None and (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, destination / LICENSE_FILE)
             return
+    where = f" in '{source_dir}'" if source_dir is not None else ""
+    note = (
+        f"A license file could not be found{where}. To ensure that you are in compliance with "
+        "the license requirements for this model, check the license where it comes from."
+    )
     license_id = getattr(getattr(card, "data", None), "license", None)
     if license_id and license_id != "other":
-        (destination / LICENSE_FILE).write_text(
-            f"This model is licensed under '{license_id}' (from its model card).\n",
-            encoding="utf-8",
+        note += f"\nThe declared license type is: '{license_id}' (from its model card)."
+    else:
+        _logger.warning(
+            "No license information was found for this model; check its license before use."
         )
+    (destination / LICENSE_FILE).write_text(note + "\n", encoding="utf-8")

@@ -13,7 +13,8 @@ from mlflow_tfx_plugin import _compat
 
 PLUGIN_DISTRIBUTION = "mlflow-tfx-plugin"
 _TASK_EXTRAS = {
-    "automatic-speech-recognition": ("soundfile",),
+    "automatic-speech-recognition": ("soundfile", "scipy"),
+    "audio-classification": ("soundfile", "scipy"),
     "image-classification": ("pillow",),
 }
 
@@ -71,8 +72,11 @@ def _plugin_requirement() -> str:
 
 
 def _is_peft(model: Any) -> bool:
-    model = model.get("model") if isinstance(model, dict) else getattr(model, "model", model)
-    return type(model).__module__.startswith("peft.")
+    """A PEFT model itself, or a pipeline or component dict holding one."""
+    if type(model).__module__.startswith("peft."):
+        return True
+    inner = model.get("model") if isinstance(model, dict) else getattr(model, "model", None)
+    return inner is not None and type(inner).__module__.startswith("peft.")
 
 
 def _uses_sentencepiece(model: Any) -> bool:

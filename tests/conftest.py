@@ -94,3 +94,6 @@ def tracking_uri(
         while mlflow.active_run() is not None:
             mlflow.end_run()
         mlflow.set_tracking_uri(None)
+
+
+tiny_wav2vec2_dir = _checkpoint_fixture("tiny_wav2vec2_dir", tiny_models.build_wav2vec2_classifier)

@@ -451,3 +451,52 @@ def test_autolog_turns_on_mlflow_transformers_autologging():
     finally:
         mlflow.transformers.autolog(disable=True)
     assert json.dumps(STOCK_PUBLIC_API)
+
+
+# -- found by MLflow's own transformers tests ------------------------------------------------
+
+
+def test_question_answering_top_k_answers_per_question(tiny_bert_qa_dir: Path, tmp_path: Path):
+    """Stock: top_k=2 over three questions gives six answers."""
+    tfx.save_model(tiny_bert_qa_dir, tmp_path / "m")
+    model = mlflow.pyfunc.load_model(str(tmp_path / "m"))
+    data = {"question": ["Who?", "What?", "Where?"], "context": "Run owns the house in Paris."}
+
+    answers = model.predict(data, params={"top_k": 2})
+    best = model.predict(data)
+    assert len(answers) == 6 and answers[::2] == best
+
+
+def test_default_requirements_of_a_peft_model_list_peft(lora_components: dict[str, Any]):
+    assert any(r.startswith("peft==") for r in tfx.get_default_pip_requirements(lora_components))
+    model = lora_components["model"]
+    assert any(r.startswith("peft==") for r in tfx.get_default_pip_requirements(model))
+
+
+def test_a_license_note_is_written_when_the_model_has_no_license(gpt2_pipe: Any, tmp_path: Path):
+    mlflow.transformers.save_model(gpt2_pipe, tmp_path / "stock", pip_requirements=["x"])
+    tfx.save_model(gpt2_pipe, tmp_path / "ours")
+
+    assert (tmp_path / "stock" / "LICENSE.txt").is_file()
+    assert "license" in (tmp_path / "ours" / "LICENSE.txt").read_text().lower()
+
+
+def test_the_stock_section_reads_as_stock_writes_it(tiny_bert_qa_dir: Path, tmp_path: Path):
+    tfx.save_model(tiny_bert_qa_dir, tmp_path / "m", torch_dtype=torch.float16)
+    section = _mlmodel(tmp_path / "m")["flavors"]["transformers"]
+
+    assert section["instance_type"] == "QuestionAnsweringPipeline"
+    assert section["framework"] == "pt"
+    assert section["torch_dtype"] == "torch.float16"
+    assert tfx.load_model(str(tmp_path / "m")).model.dtype == torch.float16
+
+
+def test_a_model_whose_checkpoint_dir_was_renamed_pipeline_loads(gpt2_pipe: Any, tmp_path: Path):
+    """MLflow's own test renames model/ to pipeline/ and drops model_binary (MLflow < 2.4.1)."""
+    tfx.save_model(gpt2_pipe, tmp_path / "m", model_config=GREEDY)
+    (tmp_path / "m" / "model").rename(tmp_path / "m" / "pipeline")
+    mlmodel = _mlmodel(tmp_path / "m")
+    mlmodel["flavors"]["transformers"].pop("model_binary")
+    (tmp_path / "m" / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+
+    assert mlflow.pyfunc.load_model(str(tmp_path / "m")).predict("Hello")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -345,3 +346,37 @@ def test_seq2seq_runner_single_string(t5_runner: Seq2SeqRunner):
     single = t5_runner("hello", max_new_tokens=3)
     assert single == t5_runner(["hello"], max_new_tokens=3)
     assert len(single) == 1
+
+
+# ----------------------------------------------------------------- found by MLflow's own tests
+
+
+def test_audio_classification_answers_the_pipeline_output_as_stock(
+    tiny_wav2vec2_dir: Path, tmp_path: Path
+):
+    """Stock returns ``pd.DataFrame(pipeline(audio))``: a score/label row per label."""
+    pipe = transformers.pipeline("audio-classification", model=str(tiny_wav2vec2_dir))
+    waveform = soundfile.read(io.BytesIO(_wav_bytes(16000)), dtype="float32")[0]
+    tfx.save_model(pipe, tmp_path / "m")
+    model = mlflow.pyfunc.load_model(str(tmp_path / "m"))
+
+    expected = pd.DataFrame(pipe(waveform))
+    pd.testing.assert_frame_equal(model.predict(_wav_bytes(16000)), expected, atol=1e-5)
+    assert set(expected["label"]) == {"yes", "no"}
+    assert tfx.load_model(str(tmp_path / "m"))(waveform)[0]["label"] in {"yes", "no"}
+    assert "soundfile" in (tmp_path / "m" / "requirements.txt").read_text()
+
+
+def test_speech_recognition_timestamps_answer_json_as_stock(tiny_whisper_dir: Path, tmp_path: Path):
+    pipe = transformers.pipeline("automatic-speech-recognition", model=str(tiny_whisper_dir))
+    config = {"return_timestamps": "word", "chunk_length_s": 20, "stride_length_s": [5, 3]}
+    tfx.save_model(pipe, tmp_path / "ts", model_config=config)
+    tfx.save_model(pipe, tmp_path / "plain")
+    audio = _wav_bytes(16000)
+
+    (answer,) = mlflow.pyfunc.load_model(str(tmp_path / "ts")).predict(audio)
+    (text,) = mlflow.pyfunc.load_model(str(tmp_path / "plain")).predict(audio)
+    decoded = json.loads(answer)
+    assert set(decoded) == {"text", "chunks"} and isinstance(decoded["text"], str)
+    assert not text.startswith("{"), "without timestamps: the transcript itself"
+    assert all(set(chunk) == {"text", "timestamp"} for chunk in decoded["chunks"])

@@ -562,3 +562,31 @@ def make_png(path: Path) -> Path:
     pixels = np.stack(np.broadcast_arrays(x[None, :], x[:, None], 255 - x[None, :]), axis=-1)
     Image.fromarray(pixels.astype(np.uint8), mode="RGB").save(path)
     return Path(path)
+
+
+def build_wav2vec2_classifier(dest: Path) -> Path:
+    """Wav2Vec2 audio classifier (labels yes/no) with its feature extractor, 16 kHz."""
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        vocab_size=32,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        conv_dim=(16, 16),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        classifier_proj_size=16,
+        **_labels(["yes", "no"]),
+    )
+    Wav2Vec2ForSequenceClassification(config).save_pretrained(dest)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000).save_pretrained(dest)
+    return dest

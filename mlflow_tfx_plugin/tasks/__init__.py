@@ -11,7 +11,7 @@ from typing import Any
 
 from mlflow_tfx_plugin.errors import UnsupportedTaskError
 from mlflow_tfx_plugin.tasks.architectures import mapping_names
-from mlflow_tfx_plugin.tasks.audio import SpeechRecognitionAdapter
+from mlflow_tfx_plugin.tasks.audio import AudioClassificationAdapter, SpeechRecognitionAdapter
 from mlflow_tfx_plugin.tasks.base import TaskAdapter
 from mlflow_tfx_plugin.tasks.chat import ChatAdapter
 from mlflow_tfx_plugin.tasks.completions import CompletionsAdapter
@@ -49,6 +49,7 @@ ADAPTERS: dict[str, type[TaskAdapter]] = {
         FeatureExtractionAdapter,
         TableQuestionAnsweringAdapter,
         SpeechRecognitionAdapter,
+        AudioClassificationAdapter,
         ImageClassificationAdapter,
         ChatAdapter,
         CompletionsAdapter,
@@ -63,6 +64,7 @@ TASK_ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-class
 #: (Whisper is also a seq2seq model; a sequence classifier is not zero-shot by default).
 _INFERENCE_ORDER = (
     SpeechRecognitionAdapter,
+    AudioClassificationAdapter,
     ImageClassificationAdapter,
     TableQuestionAnsweringAdapter,
     QuestionAnsweringAdapter,

@@ -1,4 +1,6 @@
-"""``automatic-speech-recognition``: float waveforms, audio file bytes (raw or base64) or paths.
+"""Audio tasks: ``automatic-speech-recognition`` and ``audio-classification``.
+
+Both take float waveforms, audio file bytes (raw or base64) or paths.
 
 Audio files are decoded with soundfile and resampled to the model's rate with scipy, where
 the transformers pipeline would need ffmpeg for both.
@@ -7,6 +9,7 @@ the transformers pipeline would need ffmpeg for both.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -18,13 +21,16 @@ from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.tasks.base import (
     TaskAdapter,
     call_runner,
+    column_schema,
     decode_base64,
     string_schema,
     unwrap_record,
 )
 
 if TYPE_CHECKING:
+    import pandas as pd
     from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema
 
 #: How WAV, FLAC and OGG files start: such bytes are audio, never base64 text.
 _AUDIO_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS")
@@ -39,6 +45,8 @@ class SpeechRecognitionAdapter(TaskAdapter):
     model_mappings = ("MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "MODEL_FOR_CTC_MAPPING_NAMES")
     auto_model_class = "AutoModelForSpeechSeq2Seq"
     call_params: ClassVar[dict[str, str]] = {"max_new_tokens": "long", "chunk_length_s": "double"}
+    untyped_params = ("return_timestamps", "stride_length_s")
+    needs_tokenizer = False
     default_input_example = None
 
     @classmethod
@@ -56,10 +64,45 @@ class SpeechRecognitionAdapter(TaskAdapter):
         return ModelSignature(inputs=None, outputs=string_schema(), params=params)
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
-        sampling_rate = self.runner.feature_extractor.sampling_rate
-        waveforms = [_to_waveform(item, sampling_rate) for item in _as_audio_list(data)]
+        """One transcript per input; with ``return_timestamps`` "word" or "char", the
+        pipeline's output (text and chunks) as a JSON string, as stock returns it."""
+        waveforms = _waveforms(self.runner, data)
         outputs = call_runner(self.runner, waveforms, _generate_kwargs(call_kwargs), task=self.task)
+        if call_kwargs.get("return_timestamps") in ("word", "char"):
+            return [json.dumps(output) for output in outputs]
         return [output["text"].strip() for output in outputs]  # stock strips, as here
+
+
+class AudioClassificationAdapter(TaskAdapter):
+    """``audio-classification``: a DataFrame of ``score`` and ``label`` (the pipeline's
+    output, as stock returns it: a row per label for one input)."""
+
+    task = "audio-classification"
+    pipeline_task = "audio-classification"
+    pipeline_class = "AudioClassificationPipeline"
+    model_mappings = ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",)
+    auto_model_class = "AutoModelForAudioClassification"
+    call_params: ClassVar[dict[str, str]] = {"top_k": "long"}
+    needs_tokenizer = False
+    default_input_example = None
+    default_signature = SpeechRecognitionAdapter.default_signature
+
+    @classmethod
+    def output_schema(cls) -> Schema:
+        return column_schema(("double", "score"), ("string", "label"))
+
+    def run(self, data: Any, call_kwargs: dict[str, Any]) -> pd.DataFrame:
+        import pandas as pd
+
+        waveforms = _waveforms(self.runner, data)
+        single = len(waveforms) == 1 and not isinstance(data, list)
+        inputs = waveforms[0] if single else waveforms
+        return pd.DataFrame(call_runner(self.runner, inputs, call_kwargs, task=self.task))
+
+
+def _waveforms(pipeline: Any, data: Any) -> list[np.ndarray]:
+    sampling_rate = pipeline.feature_extractor.sampling_rate
+    return [_to_waveform(item, sampling_rate) for item in _as_audio_list(data)]
 
 
 def _generate_kwargs(call_kwargs: dict[str, Any]) -> dict[str, Any]:

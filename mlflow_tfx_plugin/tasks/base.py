@@ -98,6 +98,11 @@ class TaskAdapter(ABC):
     load_with_auto_class: ClassVar[bool] = False
     #: Call parameters accepted at predict time, with their MLflow param type.
     call_params: ClassVar[dict[str, str]] = {}
+    #: Call parameters taken without a declared type (a value of several types, such as
+    #: ``return_timestamps``: True, "word" or "char"), so not in the default signature.
+    untyped_params: ClassVar[tuple[str, ...]] = ()
+    #: Whether the model needs a tokenizer (or a processor holding one).
+    needs_tokenizer: ClassVar[bool] = True
     supports_prompt_template: ClassVar[bool] = False
     #: Params used when running an input example at log time only to infer the output
     #: type: generation is capped so logging a large model stays cheap.
@@ -119,7 +124,12 @@ class TaskAdapter(ABC):
         self.model_name = model_name
         self.model_config = dict(model_config or {})
         self.prompt_template = prompt_template
-        self.allowed_params = set(self.call_params) | set(self.model_config) | set(signature_params)
+        self.allowed_params = {
+            *self.call_params,
+            *self.untyped_params,
+            *self.model_config,
+            *signature_params,
+        }
 
     @classmethod
     def build_runner(cls, components: Components, **task_options: Any) -> Any:
@@ -179,7 +189,8 @@ class TaskAdapter(ABC):
 
         specs = {name: ParamSpec(name, dtype, None) for name, dtype in cls.call_params.items()}
         for name, value in (model_config or {}).items():
-            specs[name] = ParamSpec(name, _param_dtype(name, value), value)
+            dtype, shape = _param_dtype(name, value)
+            specs[name] = ParamSpec(name, dtype, value, shape)
         return ParamSchema(list(specs.values())) if specs else None
 
     def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> Any:
@@ -289,7 +300,22 @@ def column_schema(*columns: tuple[str, str]) -> Schema:
     return Schema([ColSpec(dtype, name) for dtype, name in columns])
 
 
-def _param_dtype(name: str, value: Any) -> str:
+def _param_dtype(name: str, value: Any) -> tuple[str, tuple[int, ...] | None]:
+    """The MLflow param type of a ``model_config`` value, and its shape (``(-1,)`` for a list,
+    such as the ASR pipeline's ``stride_length_s=[5, 3]``)."""
+    if isinstance(value, list) and value:
+        types = {_scalar_dtype(name, item) for item in value}
+        if len(types) == 1:
+            return types.pop(), (-1,)
+    elif not isinstance(value, list):
+        return _scalar_dtype(name, value), None
+    raise InvalidInputError(
+        f"model_config['{name}'] = {value!r}: a list value must be non-empty and of one type.",
+        param=name,
+    )
+
+
+def _scalar_dtype(name: str, value: Any) -> str:
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, int):
@@ -300,7 +326,8 @@ def _param_dtype(name: str, value: Any) -> str:
         return "string"
     raise InvalidInputError(
         f"model_config['{name}'] = {value!r} has type {type(value).__name__}; model_config "
-        "values must be str, int, float or bool so they can be overridden at predict time.",
+        "values must be str, int, float, bool or a list of one of them, so they can be "
+        "overridden at predict time.",
         param=name,
     )
 

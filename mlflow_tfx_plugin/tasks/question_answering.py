@@ -40,13 +40,22 @@ class ExtractiveQARunner(Runner):
         question: Any = None,
         context: Any = None,
         max_answer_len: int = 30,
-    ) -> dict[str, Any] | list[dict[str, Any]]:
+        top_k: int = 1,
+    ) -> Any:
+        """One answer dict per pair (a list of ``top_k`` of them when ``top_k`` > 1)."""
         pairs, single = _runner_pairs(inputs, question, context)
-        answers = [self.answer(q, c, max_answer_len=max_answer_len) for q, c in pairs]
+        answers = [
+            best if top_k > 1 else best[0]
+            for best in (
+                self.answers(q, c, max_answer_len=max_answer_len, top_k=top_k) for q, c in pairs
+            )
+        ]
         return answers[0] if single else answers
 
-    def answer(self, question: str, context: str, *, max_answer_len: int = 30) -> dict[str, Any]:
-        """The best answer span for one question over one context."""
+    def answers(
+        self, question: str, context: str, *, max_answer_len: int = 30, top_k: int = 1
+    ) -> list[dict[str, Any]]:
+        """The ``top_k`` best answer spans for one question over one context, best first."""
         import torch
 
         encoded = self.tokenizer(
@@ -62,9 +71,13 @@ class ExtractiveQARunner(Runner):
             output = self.model(**encoded.to(self.model.device))
         start_logits = output.start_logits[0].float().cpu().masked_fill(~context_mask, -1e9)
         end_logits = output.end_logits[0].float().cpu().masked_fill(~context_mask, -1e9)
-        start, end, score = _best_span(start_logits, end_logits, max_answer_len)
-        begin, finish = offsets[start][0], offsets[end][1]
-        return {"answer": context[begin:finish], "score": score, "start": begin, "end": finish}
+        spans = []
+        for start, end, score in _best_spans(start_logits, end_logits, max_answer_len, top_k):
+            begin, finish = offsets[start][0], offsets[end][1]
+            spans.append(
+                {"answer": context[begin:finish], "score": score, "start": begin, "end": finish}
+            )
+        return spans
 
 
 def _runner_pairs(
@@ -91,28 +104,30 @@ def _runner_pairs(
     return pairs, single and len(pairs) == 1
 
 
-def _best_span(start_logits: Any, end_logits: Any, max_answer_len: int) -> tuple[int, int, float]:
-    """The (start, end) pair with the highest joint probability, end >= start."""
+def _best_spans(
+    start_logits: Any, end_logits: Any, max_answer_len: int, top_k: int
+) -> list[tuple[int, int, float]]:
+    """The ``top_k`` (start, end) pairs with the highest joint probability, end >= start."""
     import torch
 
     start_p = torch.softmax(start_logits, dim=-1)
     end_p = torch.softmax(end_logits, dim=-1)
     scores = torch.triu(start_p[:, None] * end_p[None, :])
     scores = torch.tril(scores, diagonal=max_answer_len - 1)
-    flat = int(torch.argmax(scores))
-    start, end = divmod(flat, scores.shape[1])
-    return start, end, float(scores[start, end])
+    best = torch.topk(scores.flatten(), k=min(top_k, scores.numel()))
+    width = scores.shape[1]
+    return [(int(i) // width, int(i) % width, float(v)) for v, i in zip(*best, strict=True)]
 
 
 class QuestionAnsweringAdapter(TaskAdapter):
     """``question-answering``: ``{"question", "context"}`` (or a list of them; the values may be
-    lists) -> one answer per pair."""
+    lists) -> one answer per pair, or its ``top_k`` best answers (flattened, as stock does)."""
 
     task = "question-answering"
     model_mappings = ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",)
     auto_model_class = "AutoModelForQuestionAnswering"
     runner_class = ExtractiveQARunner
-    call_params: ClassVar[dict[str, str]] = {"max_answer_len": "long"}
+    call_params: ClassVar[dict[str, str]] = {"max_answer_len": "long", "top_k": "long"}
     default_input_example: ClassVar[Any] = {
         "question": "What is the capital of France?",
         "context": "Paris is the capital of France.",
@@ -130,9 +145,10 @@ class QuestionAnsweringAdapter(TaskAdapter):
         """One answer per (question, context) pair, stripped as stock strips it."""
         records, _ = as_records(data, required=("question", "context"))
         return [
-            self.runner.answer(question, context, **call_kwargs)["answer"].strip()
+            answer["answer"].strip()
             for record in records
             for question, context in _pairs(record)
+            for answer in self.runner.answers(question, context, **call_kwargs)
         ]
 
 

@@ -27,6 +27,7 @@ class ImageClassificationAdapter(TaskAdapter):
     model_mappings = ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",)
     auto_model_class = "AutoModelForImageClassification"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long"}
+    needs_tokenizer = False
     default_input_example = None
 
     @classmethod
