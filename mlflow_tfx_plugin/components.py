@@ -39,14 +39,17 @@ def validate_component_dict(components: Mapping[str, Any]) -> dict[str, Any]:
     """Check a user-supplied component dict: a ``model`` and only known keys."""
     unknown = sorted(set(components) - {MODEL, *PREPROCESSOR_NAMES})
     if unknown:
+        # Stock's wording first: MLflow's own tests match on it.
         raise InvalidInputError(
-            f"Unknown component(s) {unknown} in transformers_model. Valid keys: "
-            f"{[MODEL, *PREPROCESSOR_NAMES]}.",
+            f"Invalid dictionary submitted for 'transformers_model'. The key(s) {unknown} are "
+            f"not permitted. Must be one of: {[MODEL, *PREPROCESSOR_NAMES]}. Unknown "
+            f"component(s) {unknown}: rename each to one of these keys, or drop it.",
             param="transformers_model",
         )
     if components.get(MODEL) is None:
         raise InvalidInputError(
-            "The transformers_model dict needs a 'model' entry (a PreTrainedModel).",
+            f"The 'transformers_model' dictionary must have an entry for {MODEL}; got keys "
+            f"{sorted(components)}. Add 'model': <a PreTrainedModel>.",
             param="transformers_model",
         )
     return {name: value for name, value in components.items() if value is not None}

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from mlflow import pyfunc
 from mlflow.models import Model, ModelInputExample, ModelSignature, infer_signature
@@ -45,7 +45,7 @@ from mlflow_tfx_plugin.model_card import write_model_card
 from mlflow_tfx_plugin.pyfunc import TfxPyfuncModel, to_python
 from mlflow_tfx_plugin.requirements import get_default_pip_requirements
 from mlflow_tfx_plugin.saving import ModelSource, resolve_source, write_model_files
-from mlflow_tfx_plugin.tasks import LLMAdapter, TaskAdapter, get_adapter
+from mlflow_tfx_plugin.tasks import ADAPTERS, TASK_ALIASES, LLMAdapter, TaskAdapter, get_adapter
 
 _logger = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def save_model(
             "environment as a dict.",
             param="conda_env",
         )
+    _check_prompt_template_task(prompt_template, task or getattr(transformers_model, "task", None))
     source = resolve_source(
         transformers_model,
         task=task,
@@ -316,7 +317,9 @@ def generate_signature_output(
     task = getattr(pipeline, "task", None)
     if task is None:
         raise InvalidInputError(
-            f"Cannot tell the task of {type(pipeline).__name__}; pass a transformers pipeline.",
+            "The pipeline type submitted is not a valid transformers Pipeline. The type "
+            f"{type(pipeline).__name__} is not supported: it has no task; pass a transformers "
+            "pipeline.",
             param="pipeline",
         )
     adapter = get_adapter(task)(pipeline, model_config=model_config, signature_params=params or ())
@@ -505,9 +508,11 @@ def _check_metadata_task(metadata: Mapping[str, Any] | None, source: ModelSource
     if declared is None or declared in (source.inference_task, source.adapter.task):
         return
     saved_as = source.inference_task or source.native_task
-    raise InvalidInputError(
-        f"metadata['task'] is {declared!r} but the model is saved for task {saved_as!r}. Pass the "
-        f"task explicitly, e.g. log_model(..., task={declared!r}), or drop metadata['task'].",
+    raise InvalidInputError(  # stock's wording first: callers match on it
+        f"LLM v1 task type {declared!r} is specified in metadata, but it doesn't match the task "
+        f"type provided in the `task` argument: {saved_as!r}. metadata['task'] is {declared!r} "
+        f"but the model is saved for task {saved_as!r}. Pass the task explicitly, e.g. "
+        f"log_model(..., task={declared!r}), or drop metadata['task'].",
         param="metadata",
     )
 
@@ -517,13 +522,38 @@ def _directory_size(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
-def _validate_prompt_template(template: str | None, adapter: type[TaskAdapter]) -> str | None:
+def _check_prompt_template_task(template: Any, task: str | None) -> None:
+    """Refuse a template for a task that takes none (or one unknown to us), before the model
+    is checked against the task, as stock checks it right after building the pipeline."""
+    if template is None or task is None:
+        return
+    adapter = ADAPTERS.get(TASK_ALIASES.get(task, task))
+    if adapter is None or not adapter.supports_prompt_template:
+        _refuse_prompt_template_task(task)
+
+
+def _refuse_prompt_template_task(task: str) -> NoReturn:
+    supported = sorted(
+        name for name, adapter in ADAPTERS.items() if adapter.supports_prompt_template
+    )
+    # Stock's wording first: callers (and MLflow's tests) match on it.
+    raise InvalidInputError(
+        f"Prompt templating is not supported for the `{task}` task type. Supported task types "
+        f"are: {supported}. prompt_template applies to text generation, seq2seq generation, "
+        "fill-mask and feature-extraction models; drop it to save this one.",
+        param="prompt_template",
+    )
+
+
+def _validate_prompt_template(template: Any, adapter: type[TaskAdapter]) -> str | None:
     if template is None:
         return None
     if not adapter.supports_prompt_template:
+        _refuse_prompt_template_task(adapter.task)
+    if not isinstance(template, str):
         raise InvalidInputError(
-            f"prompt_template is not supported for task '{adapter.task}'; it applies to text "
-            "generation, seq2seq generation, fill-mask and feature-extraction models.",
+            f"Argument `prompt_template` must be a string, received {type(template)}: pass a "
+            f"template string with the placeholder '{{prompt}}', got {template!r}.",
             param="prompt_template",
         )
     try:
@@ -531,8 +561,10 @@ def _validate_prompt_template(template: str | None, adapter: type[TaskAdapter]) 
             raise KeyError("prompt")
     except (KeyError, IndexError, ValueError) as err:
         raise InvalidInputError(
-            f"prompt_template must contain exactly the placeholder '{{prompt}}' and no other "
-            f"braces (use '{{{{' for a literal brace); got {template!r}.",
+            "Argument `prompt_template` must be a string with a single format arg, 'prompt'. "
+            "For example: 'Answer the following question in a friendly tone. Q: {prompt}. A:'. "
+            f"Received {template!r}: prompt_template must contain exactly the placeholder "
+            "'{prompt}' and no other braces (use '{{' for a literal brace).",
             param="prompt_template",
         ) from err
     return template

@@ -39,7 +39,14 @@ from mlflow_tfx_plugin.hub import (
     resolve_reference,
     weight_manifest,
 )
-from mlflow_tfx_plugin.tasks import LLMAdapter, TaskAdapter, get_adapter, infer_task, model_can_do
+from mlflow_tfx_plugin.tasks import (
+    ADAPTERS,
+    LLMAdapter,
+    TaskAdapter,
+    get_adapter,
+    infer_task,
+    model_can_do,
+)
 from mlflow_tfx_plugin.tasks.base import Runner
 from mlflow_tfx_plugin.tasks.embeddings import EmbeddingsAdapter, pooling_options
 
@@ -165,7 +172,8 @@ def resolve_source(
         )
     else:
         raise InvalidInputError(
-            f"Cannot save a {type(transformers_model).__name__}: transformers_model must be a "
+            "The pipeline type submitted is not a valid transformers Pipeline. The type "
+            f"{type(transformers_model).__name__} is not supported: transformers_model must be a "
             "transformers Pipeline, a dict of components with a 'model' key, the path of a "
             "local checkpoint directory, or a Hub repo id ('org/name[@revision]').",
             param="transformers_model",
@@ -317,8 +325,20 @@ def _check_task(
         return get_adapter(infer_task(architecture, model_type))
     adapter = get_adapter(task)
     if not model_can_do(adapter, architecture, model_type):
+        prefix = ""
+        if issubclass(adapter, LLMAdapter):  # stock's wording first: callers match on it
+            native = infer_task(architecture, model_type)
+            valid = [
+                name
+                for name, other in ADAPTERS.items()
+                if issubclass(other, LLMAdapter) and model_can_do(other, architecture, model_type)
+            ]
+            prefix = (
+                f"The task provided is invalid. '{adapter.task}' is not a supported task for "
+                f"the {native} pipeline. Must be one of {sorted(valid)}. "
+            )
         raise UnsupportedTaskError(
-            f"A {architecture} model (model_type '{model_type}') cannot perform task "
+            f"{prefix}A {architecture} model (model_type '{model_type}') cannot perform task "
             f"'{adapter.task}'. Pass a task it supports, e.g. "
             f"'{infer_task(architecture, model_type)}', or a model built for this task.",
             param="task",
@@ -327,8 +347,7 @@ def _check_task(
 
 
 def _require_components(adapter: type[TaskAdapter], components: Mapping[str, Any]) -> None:
-    needs_text = adapter.task not in ("image-classification", "automatic-speech-recognition")
-    if needs_text and "tokenizer" not in components and "processor" not in components:
+    if adapter.needs_tokenizer and "tokenizer" not in components and "processor" not in components:
         raise InvalidInputError(
             f"Task '{adapter.task}' needs a tokenizer: add a 'tokenizer' entry to the "
             "transformers_model dict.",

@@ -85,11 +85,17 @@ def get_adapter(task: str) -> type[TaskAdapter]:
     """
     adapter = ADAPTERS.get(TASK_ALIASES.get(task, task))
     if adapter is None:
-        raise UnsupportedTaskError(
+        message = (
             f"Task '{task}' is not supported by the tfx flavor. Supported tasks: "
-            f"{', '.join(sorted(ADAPTERS))}.",
-            param="task",
+            f"{', '.join(sorted(ADAPTERS))}."
         )
+        if str(task).startswith("llm/v1/"):  # stock's wording first: callers match on it
+            llm_tasks = sorted(name for name in ADAPTERS if name.startswith("llm/v1/"))
+            message = (
+                f"The task provided is invalid. '{task}' is not a supported LLM inference task. "
+                f"Must be one of {llm_tasks}. {message}"
+            )
+        raise UnsupportedTaskError(message, param="task")
     return adapter
 
 

@@ -83,8 +83,10 @@ class Text2TextGenerationAdapter(TaskAdapter):
         if isinstance(data, Mapping):
             return _record_texts(data)
         if isinstance(data, list) and data and all(isinstance(item, Mapping) for item in data):
+            # Value types first, as stock checks them; then our stricter same-keys check.
+            texts = [text for record in data for text in _record_texts(record)]
             _check_same_keys(data)
-            return [text for record in data for text in _record_texts(record)]
+            return texts
         return as_text_list(data)[0]
 
 
@@ -101,8 +103,10 @@ class SummarizationAdapter(Text2TextGenerationAdapter):
             return [_first_text(record) for record in data]
         if isinstance(data, Mapping):
             raise InvalidInputError(
-                f"'{self.task}' takes a string or a list of strings, got the dict "
-                f"{_truncate(data)}; send the text itself, or a list of one-field records.",
+                f"The input data is of an incorrect type. {type(data)} is invalid. Must be either "
+                f"string or List[str]: '{self.task}' takes a string or a list of strings, got "
+                f"the dict {_truncate(data)}; send the text itself, or a list of one-field "
+                "records.",
                 param="inputs",
             )
         return as_text_list(data)[0]
@@ -110,8 +114,16 @@ class SummarizationAdapter(Text2TextGenerationAdapter):
 
 class TranslationAdapter(SummarizationAdapter):
     task = "translation"
+    supports_prompt_template = False  # as stock: its templating covers summarization only
     default_input_example = "The house is wonderful."
     output_key = "translation_text"
+
+
+# Stock mlflow.transformers' wording, which callers (and MLflow's tests) match on.
+_STOCK_TEXT2TEXT_TYPE = (
+    "An invalid type has been supplied. Please supply a Dict[str, str], str, List[str], or a "
+    "List[Dict[str, str]] for a Text2Text Pipeline."
+)
 
 
 def _record_texts(record: Mapping[Any, Any]) -> list[str]:
@@ -120,10 +132,10 @@ def _record_texts(record: Mapping[Any, Any]) -> list[str]:
     for key, value in record.items():
         if not isinstance(value, str):
             raise InvalidInputError(
-                f"Field '{key}' of a text2text input must be a string, got "
-                f"{type(value).__name__} {_truncate(value)}. Send a dict of strings, a string, "
-                "a list of strings or a list of dicts of strings; to send several prompts, "
-                "send a list of dicts.",
+                f"{_STOCK_TEXT2TEXT_TYPE} Field '{key}' of a text2text input must be a string, "
+                f"got {type(value).__name__} {_truncate(value)}. Send a dict of strings, a "
+                "string, a list of strings or a list of dicts of strings; to send several "
+                "prompts, send a list of dicts.",
                 param=str(key),
             )
     if not record:

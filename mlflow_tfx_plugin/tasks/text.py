@@ -80,6 +80,13 @@ class FillMaskAdapter(TaskAdapter):
         An input with one mask answers a string, one with several a list of strings (one
         per mask); a single input with several masks answers that flat list.
         """
+        if isinstance(data, Mapping):  # stock validates fill-mask input as str or List[str]
+            raise InvalidInputError(
+                f"The input data is of an incorrect type. {type(data)} is invalid. Must be "
+                f"either string or List[str]: got {_describe(data)}; send the text itself "
+                "(with its mask token), or a list of texts.",
+                param="inputs",
+            )
         texts, _ = as_text_list(data)
         prompts = self.apply_prompt_template(texts)
         self._require_mask(texts, prompts)
