@@ -50,6 +50,4 @@ def to_python(data: Any, adapter: TaskAdapter | type[TaskAdapter] | None = None)
         return adapter.from_frame(data) if adapter is not None else frame_records(data)
     if pd is not None and isinstance(data, pd.Series):
         return [plain(value) for value in data.tolist()]
-    if isinstance(data, np.ndarray) and data.dtype == object:
-        return [plain(value) for value in data.tolist()]
     return plain(data)

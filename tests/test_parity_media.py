@@ -155,6 +155,8 @@ def test_asr_base64_strings_and_arrays(asr_models: Any, stock_ffmpeg: None):
     assert ours.predict(base64.b64encode(wav).decode()) == expected
     assert ours.predict(base64.encodebytes(wav).decode()) == expected  # with line breaks
     assert ours.predict([base64.b64encode(wav).decode()] * 2) == expected * 2
+    # REST `{"inputs": "<base64>"}` reaches predict as a 0-d string array.
+    assert ours.predict(np.array(base64.b64encode(wav).decode())) == expected
     # Float waveforms at the model's rate still work (stock's binary signature rejects them).
     waveform = _sine(16000)
     assert ours.predict(waveform) == [pipe(waveform)["text"].strip()]

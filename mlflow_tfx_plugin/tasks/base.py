@@ -276,6 +276,8 @@ def frame_records(frame: pd.DataFrame) -> list[dict[Any, Any]]:
 def plain(value: Any) -> Any:
     """A value with NumPy scalars and arrays of strings or objects made plain Python."""
     if isinstance(value, np.ndarray) and value.dtype.kind in "OUS":
+        if value.ndim == 0:  # a scalar payload such as REST `{"inputs": "..."}`
+            return plain(value.item())
         return [plain(item) for item in value.tolist()]
     if isinstance(value, np.generic):
         return value.item()
