@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import pytest
 
 from mlflow_tfx_plugin.deployments import TfxDeploymentClient, process
+from mlflow_tfx_plugin.deployments.listener import DRAIN_S
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = 3000
 CONCURRENCY = 32
 COMPLETION = json.dumps({"prompt": "Hello", "max_tokens": 2, "temperature": 0}).encode()
+_JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
@@ -52,8 +54,7 @@ def _one_request(host: str, port: int, index: int) -> str | None:
         if index % 2:
             connection.request("GET", "/v1/models")
         else:
-            headers = {"Content-Type": "application/json"}
-            connection.request("POST", "/v1/completions", body=COMPLETION, headers=headers)
+            connection.request("POST", "/v1/completions", body=COMPLETION, headers=_JSON)
         response = connection.getresponse()
         response.read()
         return None if response.status == 200 else f"HTTP {response.status}"
@@ -108,3 +109,33 @@ def test_update_fails_no_request_of_fresh_connection_clients(
     assert updated["pid"] != created["pid"] and updated["url"] == created["url"]
     assert sent >= REQUESTS
     assert failures == [], f"{len(failures)} of {sent} requests failed: {failures[:10]}"
+
+
+def test_a_connection_the_old_server_accepted_is_served_after_its_sigterm(
+    client: TfxDeploymentClient, tmp_path: Path
+):
+    """The race behind fresh-connection failures, made deterministic: a client connected to
+    the old server sends its request only after that server got SIGTERM from ``update``."""
+    created = client.create_deployment("held", str(tmp_path / "model"))
+    url = urlparse(created["url"])
+    held = http.client.HTTPConnection(str(url.hostname), int(url.port or 80), timeout=60)
+    held.connect()
+    time.sleep(0.3)  # the old server has accepted it; no request on it yet
+    old_log = Path(client.store.read("held").log_path)
+    updater = threading.Thread(
+        target=client.update_deployment, args=("held",), kwargs={"config": {"timeout": "61"}}
+    )
+    updater.start()
+    deadline = time.monotonic() + 120
+    while "Stopping in" not in old_log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the old server was never stopped"
+        time.sleep(0.02)
+    time.sleep(DRAIN_S / 2)  # a client slowed down by load, still inside the drain
+
+    held.request("POST", "/v1/completions", body=COMPLETION, headers=_JSON)
+    response = held.getresponse()
+
+    assert response.status == 200, response.read()
+    assert json.loads(response.read())["choices"]
+    updater.join(60)
+    assert client.get_deployment("held")["pid"] != created["pid"]
