@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 #: Set to ``1`` in the environment of the deployment server process (see the module doc).
 SERVER_PROCESS_ENV = "MLFLOW_TFX_SERVER_PROCESS"
@@ -74,6 +74,10 @@ class TfxError(_Root):
     """
 
     default_error_code: int | str = "INVALID_STATE"
+    #: How the deployment server answers it: HTTP status, OpenAI error ``type`` and ``code``.
+    http_status: ClassVar[int] = 500
+    openai_type: ClassVar[str] = "server_error"
+    openai_code: ClassVar[str | None] = None
 
     def __init__(self, message: str, *, error_code: int | str | None = None) -> None:
         code = error_code or self.default_error_code
@@ -99,6 +103,8 @@ class InvalidInputError(TfxError, ValueError):
     """
 
     default_error_code = "INVALID_PARAMETER_VALUE"
+    http_status = 400
+    openai_type = "invalid_request_error"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -107,6 +113,22 @@ class InvalidInputError(TfxError, ValueError):
 
 class UnsupportedTaskError(InvalidInputError):
     """The task is unknown to the flavor, or the model cannot perform it."""
+
+    http_status = 404
+
+
+class UnknownModelError(InvalidInputError):
+    """A request names a model the deployment server does not serve (OpenAI's 404)."""
+
+    http_status = 404
+    openai_code = "model_not_found"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model")
+
+
+class EngineError(TfxError):
+    """The model failed while generating; the request fails, the server stays up."""
 
 
 class CheckpointError(InvalidInputError):

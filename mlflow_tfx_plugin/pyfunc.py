@@ -10,8 +10,6 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
-
 from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.tasks import LLMAdapter, TaskAdapter
 from mlflow_tfx_plugin.tasks.base import frame_records, plain

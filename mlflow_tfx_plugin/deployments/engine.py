@@ -35,7 +35,7 @@ from contextlib import AbstractContextManager, aclosing, contextmanager, nullcon
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from mlflow_tfx_plugin.errors import InvalidInputError, TfxError
+from mlflow_tfx_plugin.errors import EngineError, InvalidInputError, TfxError
 from mlflow_tfx_plugin.generation import (
     Completion,
     FinishReason,
@@ -58,10 +58,6 @@ ResultT = TypeVar("ResultT")
 KV_TOKENS_PER_SEQUENCE = 128
 _PAGE_SIZE = 32  # small pages waste less of a small CPU cache than the default 256
 _BATCH_WINDOW_S = 0.005
-
-
-class EngineError(TfxError):
-    """The model failed while generating; the request fails, the server stays up."""
 
 
 class BatchObserver(Protocol):

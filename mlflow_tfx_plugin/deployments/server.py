@@ -37,16 +37,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, DeploymentConfig
-from mlflow_tfx_plugin.deployments.engine import EngineError
 from mlflow_tfx_plugin.deployments.metrics import MetricsMiddleware, ServerMetrics
 from mlflow_tfx_plugin.deployments.service import (
     LoadOptions,
     ServedModel,
-    UnknownModelError,
     load_served_model,
     require_model_name,
 )
-from mlflow_tfx_plugin.errors import InvalidInputError, UnsupportedTaskError
+from mlflow_tfx_plugin.errors import EngineError, InvalidInputError, TfxError
 from mlflow_tfx_plugin.protocol import ErrorResponse
 from mlflow_tfx_plugin.tasks.llm import LLMAdapter
 
@@ -104,14 +102,10 @@ def api_error(err: BaseException) -> APIError:
     """The one mapping from an exception to its HTTP status and OpenAI error."""
     if isinstance(err, APIError):
         return err
-    if isinstance(err, InvalidInputError):
-        status, code = 400, None
-        if isinstance(err, UnknownModelError):
-            status, code = 404, "model_not_found"
-        elif isinstance(err, UnsupportedTaskError):
-            status = 404
+    if isinstance(err, TfxError) and err.http_status < 500:
+        param = err.param if isinstance(err, InvalidInputError) else None
         return APIError(
-            status, err.message, kind="invalid_request_error", param=err.param, code=code
+            err.http_status, err.message, kind=err.openai_type, param=param, code=err.openai_code
         )
     if isinstance(err, StarletteHTTPException):  # 404 and 405 (with its Allow header)
         return APIError(

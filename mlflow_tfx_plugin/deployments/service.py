@@ -26,7 +26,7 @@ from mlflow_tfx_plugin.deployments.engine import (
     MicroBatcher,
     create_generation_engine,
 )
-from mlflow_tfx_plugin.errors import InvalidInputError, UnsupportedTaskError
+from mlflow_tfx_plugin.errors import InvalidInputError, UnknownModelError, UnsupportedTaskError
 from mlflow_tfx_plugin.generation import TextGenerator
 from mlflow_tfx_plugin.loading import load_adapter
 from mlflow_tfx_plugin.protocol import (
@@ -301,9 +301,3 @@ def require_model_name(served: ServedModel, requested: str | None) -> None:
             f"'{served.name}' (see GET /v1/models)."
         )
 
-
-class UnknownModelError(InvalidInputError):
-    """The request names a model this server does not serve."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param="model")
