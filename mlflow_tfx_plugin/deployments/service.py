@@ -300,4 +300,3 @@ def require_model_name(served: ServedModel, requested: str | None) -> None:
             f"The model '{requested}' does not exist here. This deployment serves "
             f"'{served.name}' (see GET /v1/models)."
         )
-
