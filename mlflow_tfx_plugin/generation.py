@@ -325,24 +325,65 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(positions)], True) if positions else (text, False)
 
 
+class StopStringStream:
+    """Turns growing generated text into deltas that are safe to send.
+
+    The text is cut before the first stop string, and a delta never includes a tail that
+    may still grow into one: it is held back until the text rules it out or ends. Feed
+    it the next piece of text (:meth:`push`) or the whole text so far (:meth:`update`);
+    each returns the new delta, ``""`` if there is none.
+
+    Args:
+        stops: the request's stop strings.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stops)
+        self._text = ""
+        self._sent = 0
+        #: Whether the text reached a stop string (nothing follows it).
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """The next piece of text, from a streamer that sends whole characters only."""
+        return self._advance(self._text + piece, final=False, stable=None)
+
+    def update(self, text: str, *, final: bool) -> str:
+        """The text so far, decoded from every token: a trailing U+FFFD may be half of a
+        character, held back too unless ``final`` (no more tokens come)."""
+        return self._advance(text, final=final, stable=len(text.rstrip("\ufffd")))
+
+    def finish(self) -> str:
+        """What is left once the text has ended."""
+        return self._advance(self._text, final=True, stable=None)
+
+    def _advance(self, text: str, *, final: bool, stable: int | None) -> str:
+        if self.stopped:
+            return ""
+        text, self.stopped = cut_at_stop(text, self._stops)
+        self._text = text
+        end = len(text)
+        if not (final or self.stopped):
+            end -= partial_stop_length(text, self._stops)
+            end = end if stable is None else min(stable, end)
+        if end <= self._sent:
+            return ""
+        delta, self._sent = text[self._sent : end], end
+        return delta
+
+
 def _stop_filtered(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[StreamDelta]:
     """Pass text through, holding back any tail that may still grow into a stop string."""
-    emitted, buffer = 0, ""
+    text_stream = StopStringStream(stops)
     for piece in pieces:
-        buffer += piece
-        text, hit = cut_at_stop(buffer, stops)
-        if hit:
-            if len(text) > emitted:
-                yield StreamDelta(text[emitted:])
+        if delta := text_stream.push(piece):
+            yield StreamDelta(delta)
+        if text_stream.stopped:
             for _ in pieces:  # drain: generation stops on its own at the stop string
                 pass
             return
-        safe = len(buffer) - partial_stop_length(buffer, stops)
-        if safe > emitted:
-            yield StreamDelta(buffer[emitted:safe])
-            emitted = safe
-    if len(buffer) > emitted:
-        yield StreamDelta(buffer[emitted:])
+    if delta := text_stream.finish():
+        yield StreamDelta(delta)
 
 
 def partial_stop_length(text: str, stops: Sequence[str]) -> int:

@@ -17,16 +17,15 @@ from typing import Any
 
 import pytest
 
+from mlflow_tfx_plugin.deployments.batching import MicroBatcher
 from mlflow_tfx_plugin.deployments.engine import (
     ContinuousBatchingEngine,
-    EngineError,
     EngineSettings,
-    MicroBatcher,
     MicroBatchingEngine,
     create_generation_engine,
     kv_cache_blocks,
 )
-from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.errors import EngineError, InvalidInputError
 from mlflow_tfx_plugin.generation import TextGenerator
 from mlflow_tfx_plugin.protocol import GenerationParams
 
@@ -203,8 +202,6 @@ def test_exclusive_pauses_the_generation_loop(generator: TextGenerator):
 
 
 def test_a_dead_generation_loop_fails_requests_and_health(generator: TextGenerator):
-    from mlflow_tfx_plugin.deployments.engine import EngineError
-
     engine = ContinuousBatchingEngine(generator, EngineSettings(max_batch_size=2))
     params = GenerationParams(max_tokens=100, temperature=0, ignore_eos=True)
 

@@ -22,14 +22,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlflow_tfx_plugin.deployments.batching import MicroBatcher
 from mlflow_tfx_plugin.deployments.engine import (
     ContinuousBatchingEngine,
-    EngineError,
     EngineSettings,
-    MicroBatcher,
     MicroBatchingEngine,
 )
-from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.errors import EngineError, InvalidInputError
 from mlflow_tfx_plugin.generation import PromptResult, TextGenerator
 from mlflow_tfx_plugin.protocol import GenerationParams
 

@@ -20,6 +20,8 @@ API_KEY_ENV = "MLFLOW_TFX_API_KEY"
 
 _TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
+BatchDecoding = Literal["auto", "mixed", "greedy"]
+
 
 class DeploymentConfig(BaseModel):
     """Validated settings of one deployment; field docs are shown by ``mlflow deployments help``."""
@@ -58,7 +60,7 @@ class DeploymentConfig(BaseModel):
         None, ge=1, description="Upper bound on max_tokens per request (default: context window)."
     )
     timeout: float = Field(60.0, gt=0, description="Seconds before a request fails with HTTP 504.")
-    batch_decoding: Literal["auto", "mixed", "greedy"] = Field(
+    batch_decoding: BatchDecoding = Field(
         "auto",
         description="mixed: greedy and sampled requests share each batch; greedy: a faster "
         "batch loop for greedy requests only, sampled ones run in separate small batches "

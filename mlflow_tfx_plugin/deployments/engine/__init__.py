@@ -1,0 +1,37 @@
+"""Batching over one loaded model, for the deployment server: engines behind one protocol.
+
+- :mod:`.continuous`: transformers' continuous batching, sequences joining and leaving
+  the running batch at every step; a lone request runs alone (:mod:`.solo`) until
+  another arrives.
+- :mod:`.micro`: requests collected for a few milliseconds share one ``generate``.
+- :mod:`.base`: the :class:`GenerationEngine` protocol and :class:`EngineSettings`.
+
+No request can fail another: sampling parameters are checked (or made greedy) before a
+request joins a batch (:func:`~mlflow_tfx_plugin.generation.runnable_params`), a
+micro-batch fails per group of equal parameters, and if transformers' loop dies anyway,
+its requests fail and the engine restarts it (a bounded number of times per window).
+"""
+
+from mlflow_tfx_plugin.deployments.engine.base import (
+    EngineSettings,
+    GenerationEngine,
+    check_max_tokens,
+)
+from mlflow_tfx_plugin.deployments.engine.continuous import (
+    KV_TOKENS_PER_SEQUENCE,
+    ContinuousBatchingEngine,
+    kv_cache_blocks,
+)
+from mlflow_tfx_plugin.deployments.engine.factory import create_generation_engine
+from mlflow_tfx_plugin.deployments.engine.micro import MicroBatchingEngine
+
+__all__ = [
+    "KV_TOKENS_PER_SEQUENCE",
+    "ContinuousBatchingEngine",
+    "EngineSettings",
+    "GenerationEngine",
+    "MicroBatchingEngine",
+    "check_max_tokens",
+    "create_generation_engine",
+    "kv_cache_blocks",
+]

@@ -1,0 +1,473 @@
+"""The continuous-batching engine, over transformers' continuous-batching manager.
+
+Sequences join and leave the running batch at every decoding step, and the KV cache is
+paged and sized from ``max_batch_size`` (never from a share of RAM). A request that
+arrives to an idle engine runs alone (:mod:`.solo`) and hands off to the manager as soon
+as another request arrives. Requests the manager cannot express go to the micro-batching
+engine (:mod:`.micro`). Model work and tokenizing run off the event loop, so ``/health``
+and ``/metrics`` answer under load.
+
+If transformers' loop dies, its requests fail and the engine restarts it (a bounded
+number of times per window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import AsyncGenerator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, aclosing, contextmanager, nullcontext
+from typing import Any, cast
+
+from mlflow_tfx_plugin.deployments.engine.base import (
+    EngineSettings,
+    OutputSink,
+    check_max_tokens,
+    raise_if_failed,
+)
+from mlflow_tfx_plugin.deployments.engine.micro import MicroBatchingEngine
+from mlflow_tfx_plugin.deployments.engine.solo import SoloRun, SoloRunner
+from mlflow_tfx_plugin.errors import EngineError, InvalidInputError
+from mlflow_tfx_plugin.generation import (
+    Completion,
+    FinishReason,
+    PromptResult,
+    StopStringStream,
+    StreamDelta,
+    TextGenerator,
+    runnable_params,
+)
+from mlflow_tfx_plugin.protocol import GenerationParams
+
+_logger = logging.getLogger(__name__)
+
+#: Default KV-cache tokens per ``max_batch_size`` slot (longer sequences share the pool).
+KV_TOKENS_PER_SEQUENCE = 128
+_PAGE_SIZE = 32  # small pages waste less of a small CPU cache than the default 256
+
+
+class ContinuousBatchingEngine:
+    """transformers' continuous batching: one background loop steps every live sequence.
+
+    Every sequence runs in streaming mode inside the manager, so stop strings are matched
+    on decoded text as tokens arrive, and a finished or abandoned sequence is cancelled at
+    once, freeing its cache pages. Greedy decoding is per-request ``top_k=1`` in a
+    sampling manager, so greedy and sampled requests share one batch.
+
+    A request alone in the engine runs *solo*: plain ``generate`` (a ``DynamicCache``, as
+    :class:`TextGenerator` runs it), with the manager paused (see :mod:`.solo`).
+
+    Attributes:
+        loop_restarts: restarts of the manager's loop after it died.
+    """
+
+    def __init__(self, generator: TextGenerator, settings: EngineSettings) -> None:
+        self.generator = generator
+        self.settings = settings
+        self.loop_restarts = 0
+        self._restart_times: list[float] = []
+        self._loop_failure_handled = False
+        self._pausers = 0  # threads in or waiting for exclusive(): no restart meanwhile
+        self._restart_lock = threading.Lock()  # guards the one above, and restarts
+        self._manager = _start_manager(generator, settings)
+        self._generate_lock = threading.Lock()  # one plain generate at a time: solo or fallback
+        self._fallback = MicroBatchingEngine(
+            generator, settings, exclusive=self._exclusive_generate
+        )
+        self._solo_runner = SoloRunner(
+            generator,
+            settings,
+            exclusive=self._exclusive_generate,
+            submit=self._submit,
+            forget=self._forget,
+        )
+        self._tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfx-tok")
+        self._in_flight = 0
+        self._solo: SoloRun | None = None
+        self._in_flight_lock = threading.Lock()  # guards the two above
+        self._sinks: dict[str, OutputSink] = {}
+        self._sinks_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="tfx-cb-dispatch", daemon=True
+        )
+        self._dispatcher.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._manager.input_queue.qsize() + self._fallback.queue_depth
+
+    @property
+    def in_flight(self) -> int:
+        """Requests (sequences) being generated, solo, in the manager or as a fallback."""
+        return self._in_flight
+
+    @property
+    def solo_requests(self) -> int:
+        """Requests that started solo."""
+        return self._solo_runner.requests
+
+    @property
+    def handoffs(self) -> int:
+        """Solo requests that were continued in the manager."""
+        return self._solo_runner.handoffs
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Pause the generation loop at a step boundary (its sequences and cache are kept).
+
+        The manager's forward passes change state the model shares, so any other
+        forward pass on the same model must not overlap them.
+        """
+        with self._restart_lock:
+            self._pausers += 1
+        try:
+            with cast(AbstractContextManager[Any], self._manager.pause()):
+                yield
+        finally:
+            with self._restart_lock:
+                self._pausers -= 1
+
+    @contextmanager
+    def _exclusive_generate(self) -> Iterator[None]:
+        """The pause, and one plain ``generate`` at a time (solo and fallback requests)."""
+        with self.exclusive(), self._generate_lock:
+            yield
+
+    async def generate(
+        self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
+    ) -> PromptResult:
+        params = runnable_params(params)
+        if self._needs_fallback(params):
+            with self._admitted():
+                return await self._fallback.generate(
+                    prompt, params, add_special_tokens=add_special_tokens
+                )
+        runs = 1 if params.greedy else params.n  # greedy choices are identical
+        choices = await asyncio.gather(
+            *(self._complete(prompt, params, add_special_tokens) for _ in range(runs))
+        )
+        prompt_tokens = choices[0][0]
+        completions = [completion for _, completion in choices]
+        if params.greedy:
+            completions = completions * params.n
+        return PromptResult(prompt_tokens=prompt_tokens, completions=completions)
+
+    async def stream(
+        self, prompt: str, params: GenerationParams, *, add_special_tokens: bool
+    ) -> AsyncGenerator[StreamDelta, None]:
+        params = runnable_params(params)
+        if params.n != 1:
+            raise InvalidInputError("Streaming supports n=1 only.", param="n")
+        counted: AbstractContextManager[Any] = nullcontext()  # _outputs counts its requests
+        if self._needs_fallback(params):
+            deltas = self._fallback.stream(prompt, params, add_special_tokens=add_special_tokens)
+            counted = self._admitted()
+        else:
+            deltas = self._deltas(prompt, params, add_special_tokens)
+        with counted:
+            async with aclosing(deltas):  # closing early cancels the generation at once
+                async for delta in deltas:
+                    yield delta
+
+    async def _complete(
+        self, prompt: str, params: GenerationParams, add_special_tokens: bool
+    ) -> tuple[int, Completion]:
+        pieces: list[str] = []
+        async with aclosing(self._deltas(prompt, params, add_special_tokens)) as deltas:
+            async for delta in deltas:
+                pieces.append(delta.text)
+                if delta.finish_reason:
+                    completion = Completion(
+                        "".join(pieces), delta.finish_reason, delta.completion_tokens
+                    )
+                    return delta.prompt_tokens, completion
+        raise EngineError("Generation ended without a result.")  # pragma: no cover
+
+    async def _deltas(
+        self, prompt: str, params: GenerationParams, add_special_tokens: bool
+    ) -> AsyncGenerator[StreamDelta, None]:
+        """Text deltas of one sequence; stop strings are cut, partial ones held back."""
+        input_ids = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_executor, self._encode, prompt, add_special_tokens
+        )
+        max_new = self._max_new_tokens(params, len(input_ids))
+        tokenizer = self.generator.tokenizer
+        text_stream = StopStringStream(params.stop)
+        outputs = self._outputs(input_ids, params, max_new)
+        async with aclosing(outputs):
+            async for output in outputs:
+                tokens = output.generated_tokens
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                finished = output.is_finished()
+                if delta := text_stream.update(text, final=finished):
+                    yield StreamDelta(delta)
+                if text_stream.stopped or finished:
+                    stopped = text_stream.stopped or (
+                        not params.ignore_eos and bool(tokens) and tokens[-1] in self._eos_ids
+                    )
+                    reason: FinishReason = "stop" if stopped else "length"
+                    yield StreamDelta("", reason, len(input_ids), len(tokens))
+                    return
+
+    async def _outputs(
+        self, input_ids: list[int], params: GenerationParams, max_new: int
+    ) -> AsyncGenerator[Any, None]:
+        """Outputs for one sequence: solo if the engine is idle, else from the manager."""
+        # Sampled n > 1 runs its sequences side by side: the manager is the place for them.
+        candidate = (
+            SoloRun(input_ids, params, max_new, self._stop_ids(params), asyncio.get_running_loop())
+            if params.greedy or params.n == 1
+            else None
+        )
+        with self._admitted(candidate) as solo:
+            if solo is not None:
+                outputs = self._solo_runner.outputs(solo)
+            else:
+                outputs = self._manager_outputs(input_ids, params, max_new)
+            async with aclosing(outputs):
+                async for output in outputs:
+                    yield output
+
+    @contextmanager
+    def _admitted(self, candidate: SoloRun | None = None) -> Iterator[SoloRun | None]:
+        """Count a request in flight; yields ``candidate`` if it may run solo (engine idle).
+
+        Any request arriving while a solo run is in progress asks it to hand off.
+        """
+        with self._in_flight_lock:
+            if self._solo is not None:
+                self._solo.stop.set()
+            solo = candidate if self._in_flight == 0 else None
+            if solo is not None:
+                self._solo = solo
+            self._in_flight += 1
+        try:
+            yield solo
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+                if solo is not None:
+                    self._solo = None
+
+    async def _manager_outputs(
+        self, input_ids: list[int], params: GenerationParams, max_new: int
+    ) -> AsyncGenerator[Any, None]:
+        """The manager's outputs for one request; leaving early cancels it in the manager."""
+        request_id = f"tfx-{uuid.uuid4().hex}"
+        outputs: asyncio.Queue[Any] = asyncio.Queue()
+        finished = False
+        try:
+            sink = (asyncio.get_running_loop(), outputs)
+            self._submit(request_id, input_ids, params, max_new, sink)
+            while not finished:
+                output = await outputs.get()
+                raise_if_failed(output)
+                finished = output.is_finished()
+                yield output
+        finally:
+            self._forget(request_id, cancel=not finished)
+
+    def _submit(
+        self,
+        request_id: str,
+        input_ids: list[int],
+        params: GenerationParams,
+        max_new: int,
+        sink: OutputSink,
+    ) -> None:
+        """Add a request to the manager; its outputs go to ``sink``."""
+        with self._sinks_lock:
+            self._sinks[request_id] = sink
+        accepted = self._manager.add_request(
+            input_ids,
+            request_id=request_id,
+            max_new_tokens=max_new,
+            streaming=True,
+            eos_token_id=-1 if params.ignore_eos else sorted(self._eos_ids),
+            **self._sampling_kwargs(params),
+        )
+        if accepted is None:
+            raise EngineError("The generation loop is not accepting requests.")
+
+    def _forget(self, request_id: str, *, cancel: bool) -> None:
+        with self._sinks_lock:
+            self._sinks.pop(request_id, None)
+        if cancel:
+            self._manager.cancel_request(request_id)
+
+    def _needs_fallback(self, params: GenerationParams) -> bool:
+        """Per-request settings this manager cannot apply."""
+        unsupported = params.seed is not None or params.repetition_penalty is not None
+        return unsupported or (self.settings.greedy_only and not params.greedy)
+
+    def _sampling_kwargs(self, params: GenerationParams) -> dict[str, Any]:
+        if self.settings.greedy_only:
+            return {}
+        if params.greedy:
+            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        return {
+            "temperature": float(params.temperature),
+            "top_k": min(int(params.top_k or self._vocab_size), self._vocab_size),
+            "top_p": float(params.top_p),
+        }
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the generation loop is running (between a fatal error and its restart,
+        or once restarts are used up for the window, it is not)."""
+        return bool(self._manager.is_running())
+
+    def _dispatch(self) -> None:
+        """Route outputs from the manager's queue to the waiting requests (own thread)."""
+        while not self._stopping.is_set():
+            output = self._manager.get_result(timeout=0.1)
+            if output is None:
+                if not self.healthy and not self._stopping.is_set():
+                    self._recover()
+                    self._stopping.wait(0.05)  # get_result does not wait once the loop is gone
+                continue
+            step = [output]
+            while (more := self._manager.get_result(timeout=0)) is not None:
+                step.append(more)
+            self.settings.on_batch(len({out.request_id for out in step}))
+            for out in step:
+                with self._sinks_lock:
+                    sink = self._sinks.get(out.request_id)
+                if sink is not None:
+                    loop, queue = sink
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def _recover(self) -> None:
+        """The loop is gone: fail the requests that waited on it, and restart it if it died
+        of an error (not a stop) and the restart budget allows."""
+        fatal = getattr(self._manager.background_thread_status, "fatal_error", None)
+        if not self._loop_failure_handled:
+            self._loop_failure_handled = True
+            _logger.error("The generation loop stopped: %s", fatal or "stopped")
+        # Every tick while it is down: a request is never left waiting on a loop that is gone.
+        self._fail_waiting(EngineError(f"The generation loop stopped: {fatal or 'stopped'}."))
+        if fatal is None:
+            return  # stopped on purpose
+        now = time.monotonic()
+        window = self.settings.loop_restart_window_s
+        self._restart_times = [t for t in self._restart_times if now - t < window]
+        if len(self._restart_times) >= self.settings.max_loop_restarts:
+            return  # unhealthy until the oldest restart leaves the window
+        with self._restart_lock:
+            # A thread still waiting for a pause of the dead loop is about to fail; starting
+            # now would clear its pause request from under it.
+            if self._pausers or self._stopping.is_set():
+                return
+            self._manager.start()
+        self._restart_times.append(now)
+        self.loop_restarts += 1
+        self._loop_failure_handled = False
+        _logger.warning(
+            "Restarted the generation loop (%d of at most %d restarts per %g s).",
+            len(self._restart_times),
+            self.settings.max_loop_restarts,
+            window,
+        )
+
+    def _fail_waiting(self, error: EngineError) -> None:
+        with self._sinks_lock:
+            sinks = list(self._sinks.values())
+        for loop, queue in sinks:
+            loop.call_soon_threadsafe(queue.put_nowait, error)
+
+    def _encode(self, prompt: str, add_special_tokens: bool) -> list[int]:
+        return self.generator.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def _max_new_tokens(self, params: GenerationParams, prompt_tokens: int) -> int:
+        check_max_tokens(params, self.settings)
+        return self.generator.max_new_tokens(params, prompt_tokens)
+
+    @property
+    def _eos_ids(self) -> set[int]:
+        return self.generator.stop_token_ids
+
+    def _stop_ids(self, params: GenerationParams) -> set[int]:
+        """The tokens that end this request."""
+        return set() if params.ignore_eos else self._eos_ids
+
+    @property
+    def _vocab_size(self) -> int:
+        return int(self.generator.model.config.get_text_config().vocab_size)
+
+    def close(self) -> None:
+        self._stopping.set()
+        with self._restart_lock:  # no restart after this
+            pass
+        self._manager.stop(block=True, timeout=10)
+        self._dispatcher.join(timeout=5)
+        self._fallback.close()
+        self._solo_runner.close()
+        self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def kv_cache_blocks(settings: EngineSettings, context_window: int) -> int:
+    """Pages of the paged KV cache: ``kv_cache_tokens``, else ``KV_TOKENS_PER_SEQUENCE`` per
+    batch slot, and never less than one context window (so any single request fits).
+
+    Sequences take pages as they grow, so one long sequence may use many slots' worth.
+    """
+    tokens = settings.kv_cache_tokens or settings.max_batch_size * KV_TOKENS_PER_SEQUENCE
+    if tokens < context_window:
+        if settings.kv_cache_tokens:
+            _logger.warning(
+                "kv_cache_tokens=%d is below the model's context window; using %d so that "
+                "any single request fits.",
+                tokens,
+                context_window,
+            )
+        tokens = context_window
+    return math.ceil(tokens / _PAGE_SIZE)
+
+
+def _start_manager(generator: TextGenerator, settings: EngineSettings) -> Any:
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model = generator.model
+    common = {
+        "max_new_tokens": generator.default_max_tokens,
+        "eos_token_id": sorted(generator.stop_token_ids) or -1,
+        "pad_token_id": generator.tokenizer.pad_token_id,
+    }
+    sampling: dict[str, Any]
+    if settings.greedy_only:
+        sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    else:
+        sampling = {
+            "do_sample": True,  # per-request top_k=1 makes a request greedy
+            "temperature": 0.7,  # non-neutral defaults make transformers create the
+            "top_k": 50,  # per-request warpers; every request then sets all three
+            "top_p": 0.95,
+        }
+    generation_config = GenerationConfig(**sampling, **common)
+    cb_config = ContinuousBatchingConfig(
+        page_size=_PAGE_SIZE,
+        num_blocks=kv_cache_blocks(settings, generator.context_window),
+        # Tokens per forward pass: longer prefills are split. The loop's buffers (attention
+        # mask, indices) grow with it, and short chat prompts rarely need more.
+        max_batch_tokens=max(256, settings.max_batch_size * 32),
+        max_requests_per_batch=settings.max_batch_size,
+        per_request_processors=not settings.greedy_only,
+        auto_switch_to_flash=False,
+    )
+    manager = model.init_continuous_batching(
+        generation_config=generation_config, continuous_batching_config=cb_config
+    )
+    _logger.info(
+        "Paged KV cache: %d tokens for up to %d sequences.",
+        cb_config.num_blocks * _PAGE_SIZE,
+        settings.max_batch_size,
+    )
+    manager.warmup()
+    manager.start()
+    return manager
