@@ -131,6 +131,14 @@ class EngineError(TfxError):
     """The model failed while generating; the request fails, the server stays up."""
 
 
+class RequestTimeoutError(TfxError):
+    """A request took longer than the deployment's ``timeout`` (the server's 504)."""
+
+    default_error_code = "DEADLINE_EXCEEDED"
+    http_status = 504
+    openai_type = "timeout_error"
+
+
 class CheckpointError(InvalidInputError):
     """A checkpoint directory is missing files or is not a Transformers checkpoint."""
 

@@ -134,7 +134,7 @@ def test_failure_after_writing_started_removes_directory(
         assert (path / "model" / "model.safetensors").is_file(), "the weights were written"
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("mlflow_tfx_plugin.flavor._write_environment", disk_full)
+    monkeypatch.setattr("mlflow_tfx_plugin.saving._write_environment", disk_full)
     with pytest.raises(OSError, match="No space left"):
         tfx.save_model(pipe, target)
     assert not target.exists()

@@ -24,13 +24,15 @@ _SERVE_ONE_MODEL = """
 import asyncio, json, sys
 from pathlib import Path
 
+from mlflow_tfx_plugin.deployments.config import DeploymentConfig
 from mlflow_tfx_plugin.deployments.server import create_app
 from mlflow_tfx_plugin.deployments.service import LoadOptions, load_served_model
 from mlflow_tfx_plugin.errors import InvalidInputError, StandaloneError
 
 
 async def main():
-    served = load_served_model("tiny", Path(sys.argv[1]), LoadOptions(max_batch_size=2))
+    options = LoadOptions.from_config(DeploymentConfig(max_batch_size=2))
+    served = load_served_model("tiny", Path(sys.argv[1]), options)
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
     answer = await served.chat_completion(served.parse_chat(body))
     try:
@@ -47,7 +49,7 @@ create_app  # imported for what it imports
 heavy = ("mlflow", "pandas", "pyarrow")
 print(json.dumps({
     "loaded": sorted(name for name in heavy if name in sys.modules),
-    "answer": answer["choices"][0]["message"]["content"],
+    "answer": answer.choices[0].message.content,
     "rows": len(rows) if isinstance(rows, list) else 1,
     "error_root": isinstance(error, StandaloneError),
     "error_code": error.error_code,

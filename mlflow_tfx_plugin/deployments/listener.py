@@ -118,12 +118,15 @@ class LimitedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
-        from mlflow_tfx_plugin.protocol import ErrorResponse
+        from pydantic_core import to_json
 
-        body = ErrorResponse.of(msg, kind="invalid_request_error").model_dump_json().encode()
+        from mlflow_tfx_plugin.deployments.server import APIError  # loaded with the app
+
+        error = APIError(400, msg, kind="invalid_request_error")
+        body = to_json(error.body())
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         for event in (
-            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Response(status_code=error.status, headers=headers, reason=b"Bad Request"),
             h11.Data(data=body),
             h11.EndOfMessage(),
         ):

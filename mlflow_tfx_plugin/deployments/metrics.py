@@ -16,6 +16,16 @@ from prometheus_client import (
     generate_latest,
 )
 
+from mlflow_tfx_plugin.deployments.payloads import (
+    CHAT_ROUTE,
+    COMPLETIONS_ROUTE,
+    EMBEDDINGS_ROUTE,
+    HEALTH_ROUTE,
+    INVOCATIONS_ROUTE,
+    METRICS_ROUTE,
+    MODELS_ROUTE,
+)
+
 disable_created_metrics()  # the *_created series only add noise to scrapes
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -27,7 +37,7 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, queue_depth: Callable[[], float] = lambda: 0) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "tfx_requests",
@@ -67,11 +77,12 @@ class ServerMetrics:
             "Requests admitted and not yet answered.",
             registry=self.registry,
         )
-        queue = Gauge("tfx_queue_depth", "Requests waiting for the model.", registry=self.registry)
-        queue.set_function(queue_depth)
-        self._queue_gauge = queue
+        self._queue_gauge = Gauge(
+            "tfx_queue_depth", "Requests waiting for the model.", registry=self.registry
+        )
 
     def watch_queue(self, queue_depth: Callable[[], float]) -> None:
+        """Report ``queue_depth()`` at each scrape (0 until this is called)."""
         self._queue_gauge.set_function(queue_depth)
 
     def render(self) -> bytes:
@@ -83,13 +94,13 @@ class MetricsMiddleware:
     streaming responses and client disconnects pass through untouched)."""
 
     _ROUTES = (
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/models",
-        "/invocations",
-        "/health",
-        "/metrics",
+        CHAT_ROUTE,
+        COMPLETIONS_ROUTE,
+        EMBEDDINGS_ROUTE,
+        MODELS_ROUTE,
+        INVOCATIONS_ROUTE,
+        HEALTH_ROUTE,
+        METRICS_ROUTE,
     )
 
     def __init__(self, app: Any, metrics: ServerMetrics) -> None:

@@ -1,38 +1,63 @@
-"""The model behind a deployment: OpenAI operations over the flavor's task adapters.
+"""The model behind a deployment, and the OpenAI operations the server's routes call.
 
-Requests are validated by the same pydantic models and adapters as ``mlflow.pyfunc``
-(so the same input gets the same 400 everywhere); only the model calls differ: they go
-through the batching engines in :mod:`.engine` instead of running one at a time. Chat
-templates run in a worker thread, as tokenizing does: a prompt of megabytes must not
-stall the event loop.
+:class:`ServedModel` is the loaded model: requests are validated by the same pydantic
+models and adapters as ``mlflow.pyfunc`` (so the same input gets the same 400 everywhere);
+only the model calls differ: they go through the batching engines in :mod:`.engine`
+instead of running one at a time. Chat templates run in a worker thread, as tokenizing
+does: a prompt of megabytes must not stall the event loop.
+
+:class:`OpenAIServing` is what each POST route calls: it takes the request body and
+returns a response model or an async stream of chunks, within the deployment's timeout,
+and counts tokens for the metrics. Failures are raised; the server answers them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Mapping
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, aclosing, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from pydantic import BaseModel
 
+from mlflow_tfx_plugin.deployments.batching import MicroBatcher
 from mlflow_tfx_plugin.deployments.engine import (
     EngineSettings,
     GenerationEngine,
-    MicroBatcher,
     create_generation_engine,
 )
-from mlflow_tfx_plugin.errors import InvalidInputError, UnknownModelError, UnsupportedTaskError
+from mlflow_tfx_plugin.deployments.payloads import (
+    CHAT_ROUTE,
+    COMPLETIONS_ROUTE,
+    EMBEDDINGS_ROUTE,
+    INVOCATIONS_ROUTE,
+    InvocationsResponse,
+    check_requests,
+    openai_route,
+    pyfunc_input,
+)
+from mlflow_tfx_plugin.errors import (
+    InvalidInputError,
+    RequestTimeoutError,
+    UnknownModelError,
+    UnsupportedTaskError,
+)
 from mlflow_tfx_plugin.generation import TextGenerator
 from mlflow_tfx_plugin.loading import load_adapter
 from mlflow_tfx_plugin.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     EmbeddingRequest,
+    EmbeddingResponse,
+    Usage,
     parse_request,
 )
 from mlflow_tfx_plugin.pyfunc import to_python
@@ -40,25 +65,41 @@ from mlflow_tfx_plugin.tasks import TaskAdapter
 from mlflow_tfx_plugin.tasks.chat import ChatAdapter, ChatChunker
 from mlflow_tfx_plugin.tasks.completions import CompletionChunker, CompletionsAdapter
 from mlflow_tfx_plugin.tasks.embeddings import EmbeddingRunner, EmbeddingsAdapter
+from mlflow_tfx_plugin.tasks.llm import LLMAdapter
+
+if TYPE_CHECKING:
+    from mlflow_tfx_plugin.deployments.config import BatchDecoding, DeploymentConfig
+    from mlflow_tfx_plugin.deployments.metrics import ServerMetrics
 
 _logger = logging.getLogger(__name__)
 
-_GENERATIVE_TASKS = ("llm/v1/chat", "llm/v1/completions", "text-generation")
-_EMBEDDING_TASKS = ("llm/v1/embeddings", "feature-extraction", "sentence-similarity")
 _POOLING_KEYS = ("pooling", "normalize", "max_length")
 
+#: Stream chunks (``ChatCompletionChunk`` or ``CompletionResponse``), closed to cancel.
+ChunkStream: TypeAlias = AsyncGenerator[BaseModel, None]
+Answer: TypeAlias = BaseModel | ChunkStream
+_T = TypeVar("_T")
+_Response = TypeVar("_Response", ChatCompletionResponse, CompletionResponse, EmbeddingResponse)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class LoadOptions:
     """How to load and batch the model (from the deployment config)."""
 
     device: str | None = None
     torch_dtype: str | None = None
-    max_batch_size: int = 16
-    max_tokens_limit: int | None = None
-    kv_cache_tokens: int | None = None
-    continuous_batching: bool = True
-    batch_decoding: str = "auto"
+    batch_decoding: BatchDecoding = "auto"
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+    @classmethod
+    def from_config(cls, config: DeploymentConfig) -> LoadOptions:
+        """The options a deployment's ``-C`` settings ask for (the only place they are read)."""
+        return cls(
+            device=config.device,
+            torch_dtype=config.torch_dtype,
+            batch_decoding=config.batch_decoding,
+            engine=EngineSettings.from_config(config),
+        )
 
 
 class ServedModel:
@@ -78,34 +119,29 @@ class ServedModel:
         self.task = adapter.task
         self.adapter = adapter
         adapter.model_name = name  # responses name the deployment, as GET /v1/models does
-        settings = EngineSettings(
-            max_batch_size=options.max_batch_size,
-            max_tokens_limit=options.max_tokens_limit,
-            kv_cache_tokens=options.kv_cache_tokens,
-            on_batch=on_batch or (lambda size: None),
-        )
+        settings = replace(options.engine, on_batch=on_batch) if on_batch else options.engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfx-model")
         self.chat: ChatAdapter | None = None
         self.completions: CompletionsAdapter | None = None
         self.embeddings: EmbeddingsAdapter | None = None
         self.engine: GenerationEngine | None = None
         self._embedder: MicroBatcher[list[str], Any] | None = None
-        if self.task in _GENERATIVE_TASKS:
+        if adapter.generates_text:
             greedy_only = options.batch_decoding == "greedy" or (
                 options.batch_decoding == "auto" and adapter.model_config.get("temperature") == 0
             )
             settings = replace(settings, greedy_only=greedy_only)
-            self._serve_generation(settings, options.continuous_batching)
-        elif self.task in _EMBEDDING_TASKS:
+            self._serve_generation(settings)
+        elif adapter.embeds_text:
             self._serve_embeddings(settings)
 
     @property
     def routes(self) -> list[str]:
         """The OpenAI routes this model answers (``/invocations`` always works)."""
         served = [
-            ("chat/completions", self.chat),
-            ("completions", self.completions),
-            ("embeddings", self.embeddings),
+            (CHAT_ROUTE, self.chat),
+            (COMPLETIONS_ROUTE, self.completions),
+            (EMBEDDINGS_ROUTE, self.embeddings),
         ]
         return [route for route, adapter in served if adapter is not None]
 
@@ -119,7 +155,7 @@ class ServedModel:
         depth = self.engine.queue_depth if self.engine else 0
         return depth + (self._embedder.queue_depth if self._embedder else 0)
 
-    def _serve_generation(self, settings: EngineSettings, continuous: bool) -> None:
+    def _serve_generation(self, settings: EngineSettings) -> None:
         runner = self.adapter.runner
         generator = (
             runner
@@ -137,7 +173,7 @@ class ServedModel:
         if template:
             self.chat = ChatAdapter(generator, **common)
         self.completions = CompletionsAdapter(generator, **common)
-        self.engine = create_generation_engine(generator, settings, continuous=continuous)
+        self.engine = create_generation_engine(generator, settings)
         # A causal LM also embeds: mean-pooled, normalized last hidden states.
         base = getattr(generator.model, "base_model", generator.model)
         embedder = EmbeddingRunner(base, generator.tokenizer, pooling="mean", normalize=True)
@@ -161,25 +197,27 @@ class ServedModel:
     # -- chat / completions -------------------------------------------------------------
 
     def parse_chat(self, body: Mapping[str, Any]) -> ChatCompletionRequest:
-        self._require(self.chat, "chat/completions")
+        self._require(self.chat, CHAT_ROUTE)
         return parse_request(ChatCompletionRequest, body)
 
     def parse_completion(self, body: Mapping[str, Any]) -> CompletionRequest:
-        self._require(self.completions, "completions")
+        self._require(self.completions, COMPLETIONS_ROUTE)
         return parse_request(CompletionRequest, body)
 
     def parse_embedding(self, body: Mapping[str, Any]) -> EmbeddingRequest:
-        self._require(self.embeddings, "embeddings")
+        self._require(self.embeddings, EMBEDDINGS_ROUTE)
         return parse_request(EmbeddingRequest, body)
 
-    async def chat_completion(self, request: ChatCompletionRequest) -> dict[str, Any]:
+    async def chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         assert self.chat is not None and self.engine is not None
         params = request.generation_params(self.chat.model_config)
         prompt = await asyncio.to_thread(self.chat.prompt, request)
         result = await self.engine.generate(prompt, params, add_special_tokens=False)
-        return self.chat.response(request, result).model_dump()
+        return self.chat.response(request, result)
 
-    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncGenerator[BaseModel, None]:
+    async def chat_stream(
+        self, request: ChatCompletionRequest
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
         assert self.chat is not None and self.engine is not None
         params = request.generation_params(self.chat.model_config)
         prompt = await asyncio.to_thread(self.chat.prompt, request)
@@ -194,18 +232,18 @@ class ServedModel:
                 for chunk in chunker.chunks(event):
                     yield chunk
 
-    async def completion(self, request: CompletionRequest) -> dict[str, Any]:
+    async def completion(self, request: CompletionRequest) -> CompletionResponse:
         assert self.completions is not None and self.engine is not None
         params = request.generation_params(self.completions.model_config)
         prompts = self.completions.apply_prompt_template(request.prompts)
         results = await asyncio.gather(
             *(self.engine.generate(prompt, params, add_special_tokens=True) for prompt in prompts)
         )
-        return self.completions.response(request, list(results)).model_dump()
+        return self.completions.response(request, list(results))
 
     async def completion_stream(
         self, request: CompletionRequest
-    ) -> AsyncGenerator[BaseModel, None]:
+    ) -> AsyncGenerator[CompletionResponse, None]:
         assert self.completions is not None and self.engine is not None
         [prompt] = self.completions.stream_prompt(request)
         params = request.generation_params(self.completions.model_config)
@@ -218,7 +256,7 @@ class ServedModel:
 
     # -- embeddings ---------------------------------------------------------------------
 
-    async def embedding(self, request: EmbeddingRequest) -> dict[str, Any]:
+    async def embedding(self, request: EmbeddingRequest) -> EmbeddingResponse:
         assert self.embeddings is not None and self._embedder is not None
         vectors, token_counts = await self._embedder.submit(request.inputs)
         return self.embeddings.respond_encoded([request], vectors, token_counts)[0]
@@ -258,10 +296,10 @@ class ServedModel:
 
     def _require(self, adapter: Any, route: str) -> None:
         if adapter is None:
-            served = ", ".join(f"/v1/{r}" for r in self.routes) or "only /invocations"
+            served = ", ".join(self.routes) or f"only {INVOCATIONS_ROUTE}"
             raise UnsupportedTaskError(
                 f"This deployment serves a '{self.task}' model, which does not answer "
-                f"/v1/{route}. It serves: {served}.",
+                f"{route}. It serves: {served}.",
             )
 
     async def warm_up(self) -> None:
@@ -300,3 +338,120 @@ def require_model_name(served: ServedModel, requested: str | None) -> None:
             f"The model '{requested}' does not exist here. This deployment serves "
             f"'{served.name}' (see GET /v1/models)."
         )
+
+
+class OpenAIServing:
+    """The OpenAI operations of a deployment server: one method per POST route.
+
+    Each takes the request body and returns a response model, or, for ``stream: true``, a
+    :data:`ChunkStream` whose first chunk has already arrived, so a request that fails
+    before it still gets its HTTP status. Every model call must finish within ``timeout``
+    (each chunk of a stream, too). Failures are raised, for the server to answer.
+
+    Args:
+        model: the loaded model.
+        timeout: the deployment's request timeout, in seconds.
+        metrics: the server's metrics, where tokens and time to first token are counted.
+    """
+
+    def __init__(self, model: ServedModel, *, timeout: float, metrics: ServerMetrics) -> None:
+        self.model = model
+        self.timeout = timeout
+        self.metrics = metrics
+
+    async def chat(self, body: dict[str, Any]) -> ChatCompletionResponse | ChunkStream:
+        require_model_name(self.model, body.get("model"))
+        request = self.model.parse_chat(body)
+        if request.stream:
+            chunks = self.model.chat_stream(request)
+            return await self._stream(CHAT_ROUTE, chunks, request.include_usage)
+        return self._counted(await self._within_deadline(self.model.chat_completion(request)))
+
+    async def completions(self, body: dict[str, Any]) -> CompletionResponse | ChunkStream:
+        require_model_name(self.model, body.get("model"))
+        request = self.model.parse_completion(body)
+        if request.stream:
+            chunks = self.model.completion_stream(request)
+            return await self._stream(COMPLETIONS_ROUTE, chunks, request.include_usage)
+        return self._counted(await self._within_deadline(self.model.completion(request)))
+
+    async def embeddings(self, body: dict[str, Any]) -> EmbeddingResponse:
+        require_model_name(self.model, body.get("model"))
+        request = self.model.parse_embedding(body)
+        return self._counted(await self._within_deadline(self.model.embedding(request)))
+
+    async def invocations(self, body: dict[str, Any]) -> Answer:
+        """``mlflow models serve`` payloads: OpenAI bodies pass through, others are pyfunc input."""
+        route = openai_route(body)
+        require_model_name(self.model, body.get("model"))
+        if route is not None and route in self.model.routes:
+            return await self._operation(route)(body)
+        data = pyfunc_input(body)
+        if isinstance(self.model.adapter, LLMAdapter):
+            check_requests(body, data)
+        predictions = await self._within_deadline(self.model.predict(data, body.get("params")))
+        for prediction in predictions if isinstance(predictions, list) else [predictions]:
+            if isinstance(prediction, dict):
+                self._count_tokens(prediction.get("usage"))
+        return InvocationsResponse.of(predictions, unwrapped=route is not None)
+
+    def _operation(self, route: str) -> Callable[[dict[str, Any]], Awaitable[Answer]]:
+        operations = {
+            CHAT_ROUTE: self.chat,
+            COMPLETIONS_ROUTE: self.completions,
+            EMBEDDINGS_ROUTE: self.embeddings,
+        }
+        return operations[route]
+
+    async def _stream(self, route: str, chunks: ChunkStream, include_usage: bool) -> ChunkStream:
+        """``chunks`` once the first one is here.
+
+        The last chunk always carries usage (for the metrics); it is sent only when the
+        client asked for it with ``stream_options.include_usage``.
+        """
+        started = time.perf_counter()
+        try:
+            first = await self._within_deadline(anext(chunks))
+        except RequestTimeoutError:
+            await chunks.aclose()
+            raise
+        self.metrics.time_to_first_token.labels(route).observe(time.perf_counter() - started)
+        return self._rest_of(first, chunks, include_usage)
+
+    async def _rest_of(
+        self, first: BaseModel, chunks: ChunkStream, include_usage: bool
+    ) -> ChunkStream:
+        try:
+            yield first
+            while True:
+                try:
+                    chunk = await self._within_deadline(anext(chunks))
+                except StopAsyncIteration:
+                    break
+                usage = getattr(chunk, "usage", None)
+                if usage is not None:
+                    self._count_tokens(usage)
+                    if not include_usage:
+                        continue
+                yield chunk
+        finally:
+            await chunks.aclose()  # a client that went away cancels its generation here
+
+    async def _within_deadline(self, work: Awaitable[_T]) -> _T:
+        try:
+            return await asyncio.wait_for(work, self.timeout)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"The request took longer than the deployment's timeout of {self.timeout:g} s."
+            ) from None
+
+    def _counted(self, response: _Response) -> _Response:
+        self._count_tokens(response.usage)
+        return response
+
+    def _count_tokens(self, usage: Usage | Mapping[str, Any] | None) -> None:
+        if isinstance(usage, Usage):
+            usage = usage.model_dump()
+        if usage:
+            self.metrics.prompt_tokens.inc(usage.get("prompt_tokens", 0))
+            self.metrics.completion_tokens.inc(usage.get("completion_tokens", 0))
