@@ -21,14 +21,6 @@ STOCK_COMPONENTS_DIR = "components"
 OLD_STOCK_MODEL_DIR = "pipeline"
 #: MLmodel metadata key of the model's prompt template.
 PROMPT_TEMPLATE_KEY = "prompt_template"
-#: The ``instance_type`` stock writes for the tasks whose pipelines transformers 5 removed
-#: (this flavor runs them with runners of its own).
-_STOCK_PIPELINE_CLASSES = {
-    "text2text-generation": "Text2TextGenerationPipeline",
-    "summarization": "SummarizationPipeline",
-    "translation": "TranslationPipeline",
-    "question-answering": "QuestionAnsweringPipeline",
-}
 
 
 @dataclass(kw_only=True)
@@ -78,7 +70,7 @@ class FlavorConfig:
         stock_components = [name for name in self.components if name != "processor"]
         data: dict[str, Any] = {
             "task": self.task,
-            "instance_type": _STOCK_PIPELINE_CLASSES.get(self.task, self.pipeline_class),
+            "instance_type": self.stock_instance_type,
             "framework": "pt",
             "pipeline_model_type": self.model_class,
             "source_model_name": self.source_model_name,
@@ -105,6 +97,16 @@ class FlavorConfig:
         if self.peft_adapter_dir:
             data["peft_adaptor"] = self.peft_adapter_dir
         return {key: value for key, value in data.items() if value is not None}
+
+    @property
+    def stock_instance_type(self) -> str | None:
+        """The pipeline class stock records: for tasks whose pipelines transformers 5 removed
+        (which this flavor runs with runners of its own), the removed pipeline's."""
+        # Imported here: `tfx.FLAVOR_NAME` (this module) must not load the task adapters.
+        from mlflow_tfx_plugin.tasks import ADAPTERS
+
+        adapter = ADAPTERS.get(self.task)
+        return (adapter and adapter.stock_pipeline_class) or self.pipeline_class
 
     @classmethod
     def from_stock_dict(

@@ -77,15 +77,12 @@ def persist_for_registration(
     source: str,
     *,
     model_id: str | None = None,
-    run_id: str | None = None,
     local_model_path: str | None = None,
-    store: Any = None,
 ) -> PersistResult | None:
     """The registry hook: persist ``source`` if it is a reference-only transformers model.
 
     Costs one MLmodel read when there is nothing to do.
     """
-    del run_id, store
     location = _logged_model_location(model_id) if model_id else artifact_location(source)
     local_mlmodel = Path(local_model_path, MLMODEL_FILE_NAME) if local_model_path else None
     try:

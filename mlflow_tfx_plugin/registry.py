@@ -143,13 +143,7 @@ class AutoPersistMixin(AbstractStore):
         if auto_persist_enabled() and not has_prompt_tag(tags):
             from mlflow_tfx_plugin.persist import persist_for_registration
 
-            persist_for_registration(
-                source,
-                model_id=model_id,
-                run_id=run_id,
-                local_model_path=local_model_path,
-                store=self,
-            )
+            persist_for_registration(source, model_id=model_id, local_model_path=local_model_path)
         return super().create_model_version(
             name,
             source,

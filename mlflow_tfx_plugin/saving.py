@@ -1,20 +1,28 @@
-"""Turn what the user passed to ``save_model`` into files on disk.
+"""Turn what the user passed to ``save_model`` into a saved MLflow model on disk.
 
-:func:`resolve_source` validates the input (pipeline, component dict or checkpoint
-path) and the task before anything is written; :func:`write_model_files` writes the
-checkpoint directory and returns the weights manifest.
+:func:`save` runs a save from start to end: :func:`resolve_source` validates the input
+(pipeline, component dict, checkpoint path or Hub repo id) and the task before anything is
+written; :func:`write_model_files` writes the checkpoint directory and returns the weights
+manifest; then come the signature and input example, MLmodel and the environment files.
+A failure after writing started removes the directory.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from mlflow import pyfunc
+from mlflow.models import Model, ModelSignature, infer_signature
+from mlflow.models.model import MLMODEL_FILE_NAME
+
+from mlflow_tfx_plugin import _compat
 from mlflow_tfx_plugin import components as comp
 from mlflow_tfx_plugin.checkpoint import (
     ADAPTER_CONFIG,
@@ -28,7 +36,15 @@ from mlflow_tfx_plugin.checkpoint import (
     is_weight_file,
 )
 from mlflow_tfx_plugin.errors import CheckpointError, InvalidInputError, UnsupportedTaskError
-from mlflow_tfx_plugin.flavor_config import MODEL_DIR, PEFT_DIR, STOCK_COMPONENTS_DIR, FlavorConfig
+from mlflow_tfx_plugin.flavor_config import (
+    FLAVOR_NAME,
+    MODEL_DIR,
+    PEFT_DIR,
+    PROMPT_TEMPLATE_KEY,
+    STOCK_COMPONENTS_DIR,
+    STOCK_FLAVOR_NAME,
+    FlavorConfig,
+)
 from mlflow_tfx_plugin.hub import (
     SMALL_FILE_IGNORE,
     HubReference,
@@ -39,8 +55,13 @@ from mlflow_tfx_plugin.hub import (
     resolve_reference,
     weight_manifest,
 )
+from mlflow_tfx_plugin.loading import as_torch_dtype
+from mlflow_tfx_plugin.model_card import write_model_card
+from mlflow_tfx_plugin.pyfunc import to_python
+from mlflow_tfx_plugin.requirements import get_default_pip_requirements
 from mlflow_tfx_plugin.tasks import (
     ADAPTERS,
+    TASK_ALIASES,
     LLMAdapter,
     TaskAdapter,
     get_adapter,
@@ -48,7 +69,8 @@ from mlflow_tfx_plugin.tasks import (
     model_can_do,
 )
 from mlflow_tfx_plugin.tasks.base import Runner
-from mlflow_tfx_plugin.tasks.embeddings import EmbeddingsAdapter, pooling_options
+
+_logger = logging.getLogger(__name__)
 
 #: Tokenizer files copied for stock ``mlflow.transformers`` (it reads components/tokenizer/).
 _STOCK_TOKENIZER_FILES = (
@@ -60,6 +82,74 @@ _STOCK_TOKENIZER_FILES = (
     "chat_template.jinja",
     "tokenizer.model",
 )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveOptions:
+    """What ``save_model`` was asked to do besides choosing the model and its task.
+
+    :func:`save` validates these; ``torch_dtype`` is then the dtype's name and
+    ``prompt_template`` a checked template.
+    """
+
+    torch_dtype: Any = None
+    model_config: Mapping[str, Any] = field(default_factory=dict)
+    prompt_template: Any = None
+    signature: ModelSignature | None = None
+    input_example: Any = None
+    metadata: dict[str, Any] | None = None
+    code_paths: list[str] | None = None
+    hardlink: bool = False
+    convert_pickle_weights: bool = False
+    model_card: Any = None
+    conda_env: Any = None
+    pip_requirements: list[str] | str | None = None
+    extra_pip_requirements: list[str] | str | None = None
+
+
+def save(
+    transformers_model: Any,
+    path: str | os.PathLike[str],
+    *,
+    task: str | None,
+    save_pretrained: bool,
+    processor: Any,
+    base_model_path: str | os.PathLike[str] | None,
+    mlflow_model: Model | None,
+    options: SaveOptions,
+) -> None:
+    """Validate everything, then write the model to ``path`` (see ``flavor.save_model``).
+
+    Raises:
+        InvalidInputError: bad arguments. No partially written model is left behind.
+    """
+    _check_environment(options)
+    _check_prompt_template_task(
+        options.prompt_template, task or getattr(transformers_model, "task", None)
+    )
+    source = resolve_source(
+        transformers_model,
+        task=task,
+        processor=processor,
+        save_pretrained=save_pretrained,
+        base_model_path=base_model_path,
+    )
+    mlflow_model = mlflow_model or Model()
+    _check_metadata_task(mlflow_model.metadata or options.metadata, source)
+    template = _validate_prompt_template(options.prompt_template, source.adapter)
+    target = Path(path).absolute()
+    _compat.validate_and_prepare_target_save_path(str(target))
+    try:
+        checked = replace(
+            options,
+            torch_dtype=_dtype_name(options.torch_dtype) or source.model_dtype,
+            model_config=dict(options.model_config or {}),
+            prompt_template=template,
+        )
+        _write_model(source, target, mlflow_model=mlflow_model, options=checked)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
 
 
 @dataclass(kw_only=True)
@@ -110,11 +200,10 @@ class ModelSource:
         )
 
     def flavor_config(self, *, weights: list[WeightEntry], torch_dtype: str | None) -> FlavorConfig:
-        options = pooling_options(self.card_dir) if self.adapter is EmbeddingsAdapter else {}
         return FlavorConfig(
             task=self.native_task,
             inference_task=self.inference_task,
-            task_options=options,
+            task_options=self.adapter.read_task_options(self.card_dir),
             source_model_name=self.reference.repo_id if self.reference else self.source_model_name,
             source_model_revision=self.reference.commit if self.reference else None,
             reference_only=self.reference is not None,
@@ -347,7 +436,7 @@ def _check_task(
 
 
 def _require_components(adapter: type[TaskAdapter], components: Mapping[str, Any]) -> None:
-    if adapter.needs_tokenizer and "tokenizer" not in components and "processor" not in components:
+    if not adapter.has_needed_components(components):
         raise InvalidInputError(
             f"Task '{adapter.task}' needs a tokenizer: add a 'tokenizer' entry to the "
             "transformers_model dict.",
@@ -442,3 +531,232 @@ def _is_peft_model(model: Any) -> bool:
 def _peft_base_name(model: Any) -> str | None:
     config = getattr(model, "peft_config", {}).get("default")
     return getattr(config, "base_model_name_or_path", None)
+
+
+def _write_model(
+    source: ModelSource, path: Path, *, mlflow_model: Model, options: SaveOptions
+) -> None:
+    """Write a validated source: 1. files, 2. signature/example, 3. MLmodel, 4. environment."""
+    path.mkdir(parents=True, exist_ok=True)
+    code_dir = _compat.validate_and_copy_code_paths(options.code_paths, str(path))
+    weights = write_model_files(
+        source,
+        path,
+        hardlink=options.hardlink,
+        convert_pickle_weights=options.convert_pickle_weights,
+    )
+    write_model_card(source.card_dir, path, options.model_card)
+    config = source.flavor_config(weights=weights, torch_dtype=options.torch_dtype)
+    _add_signature_and_example(source, path, mlflow_model, options)
+    _add_flavors(mlflow_model, config, options, code_dir)
+    mlflow_model.model_size_bytes = _directory_size(path)
+    mlflow_model.save(str(path / MLMODEL_FILE_NAME))
+    _write_environment(
+        path, source, options.conda_env, options.pip_requirements, options.extra_pip_requirements
+    )
+
+
+def _add_signature_and_example(
+    source: ModelSource, path: Path, mlflow_model: Model, options: SaveOptions
+) -> None:
+    adapter = source.adapter
+    if options.signature is not None:
+        mlflow_model.signature = options.signature
+    elif (
+        options.input_example is not None
+        and source.components is not None
+        and not issubclass(adapter, LLMAdapter)  # llm/v1 signatures are the OpenAI schemas
+    ):
+        mlflow_model.signature = _signature_from_example(source, options)
+    else:
+        mlflow_model.signature = adapter.default_signature(options.model_config)
+    if options.input_example is not None:
+        _compat.save_example(mlflow_model, _formatted_example(adapter, options), str(path))
+
+
+def _signature_from_example(source: ModelSource, options: SaveOptions) -> ModelSignature | None:
+    """The signature of what the example gives; the task's default if it does not run.
+
+    An ``(data, params)`` example's params become the signature's param defaults, as
+    MLflow's ``infer_signature(data, output, params)`` makes them.
+    """
+    adapter_cls = source.adapter
+    data, example_params = _split_example(_formatted_example(adapter_cls, options))
+    runner = source.pipeline or adapter_cls.build_runner(source.components or {})
+    adapter = adapter_cls(
+        runner,
+        model_config=options.model_config,
+        prompt_template=options.prompt_template,
+        signature_params=example_params,
+    )
+    probe = {k: v for k, v in adapter_cls.probe_params.items() if k not in options.model_config}
+    try:
+        output = adapter.predict(to_python(data), {**probe, **example_params})
+    except Exception as err:
+        _logger.warning(
+            "The input_example did not run through the '%s' model (%s), so the signature is the "
+            "task's default. Check that the example matches the task's input format, or pass "
+            "signature=.",
+            adapter_cls.task,
+            err,
+        )
+        return adapter_cls.default_signature(options.model_config)
+    signature = infer_signature(to_python(data), output)
+    signature.params = adapter_cls.params_schema({**options.model_config, **example_params})
+    return signature
+
+
+def _formatted_example(adapter: type[TaskAdapter], options: SaveOptions) -> Any:
+    """The input example as the task saves it (see :meth:`TaskAdapter.signature_example`)."""
+    data, params = _split_example(options.input_example)
+    data = adapter.signature_example(data)
+    return (data, params) if params else data
+
+
+def _split_example(example: Any) -> tuple[Any, dict[str, Any]]:
+    """``(data, params)``, as MLflow's flavors take an example with params; else no params."""
+    if _compat.contains_params(example):
+        data, params = example
+        return data, dict(params or {})
+    return example, {}
+
+
+def _add_flavors(
+    mlflow_model: Model, config: FlavorConfig, options: SaveOptions, code_dir: str | None
+) -> None:
+    import transformers
+
+    config.transformers_version = transformers.__version__
+    mlflow_model.add_flavor(FLAVOR_NAME, **config.to_dict())
+    mlflow_model.add_flavor(STOCK_FLAVOR_NAME, **config.to_stock_dict())
+    if options.metadata:
+        mlflow_model.metadata = {**(mlflow_model.metadata or {}), **options.metadata}
+    if options.prompt_template:
+        mlflow_model.metadata = {
+            **(mlflow_model.metadata or {}),
+            PROMPT_TEMPLATE_KEY: options.prompt_template,
+        }
+    if config.inference_task:  # what serving platforms read to pick the OpenAI route
+        mlflow_model.metadata = {**(mlflow_model.metadata or {}), "task": config.inference_task}
+    pyfunc.add_to_model(
+        mlflow_model,
+        loader_module="mlflow_tfx_plugin",
+        conda_env=_compat.CONDA_ENV_FILE_NAME,
+        python_env=_compat.PYTHON_ENV_FILE_NAME,
+        code=code_dir,
+        model_config=options.model_config or None,
+        **({"streamable": True} if get_adapter(config.adapter_task).streamable else {}),
+    )
+
+
+def _directory_size(path: Path) -> int:
+    """Bytes of every file under ``path``: MLmodel's ``model_size_bytes``, shown by the UI."""
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def _check_environment(options: SaveOptions) -> None:
+    conda_env = options.conda_env
+    _compat.validate_env_arguments(
+        conda_env, options.pip_requirements, options.extra_pip_requirements
+    )
+    if isinstance(conda_env, (str, os.PathLike)) and not os.path.isfile(conda_env):
+        raise InvalidInputError(
+            f"conda_env '{conda_env}' is not a file: pass the path of a conda YAML file, or the "
+            "environment as a dict.",
+            param="conda_env",
+        )
+
+
+def _write_environment(
+    path: Path, source: ModelSource, conda_env: Any, pip_requirements: Any, extra: Any
+) -> None:
+    import yaml
+
+    if conda_env is None:
+        defaults = None
+        if pip_requirements is None:
+            defaults = get_default_pip_requirements(
+                source.components, task=source.adapter.task, peft=source.is_peft
+            )
+        conda_env, requirements, constraints = _compat.process_pip_requirements(
+            defaults, pip_requirements, extra
+        )
+    else:
+        conda_env, requirements, constraints = _compat.process_conda_env(conda_env)
+    with open(path / _compat.CONDA_ENV_FILE_NAME, "w") as f:
+        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+    if constraints:
+        (path / _compat.CONSTRAINTS_FILE_NAME).write_text("\n".join(constraints))
+    (path / _compat.REQUIREMENTS_FILE_NAME).write_text("\n".join(requirements))
+    _compat.PythonEnv.current().to_yaml(str(path / _compat.PYTHON_ENV_FILE_NAME))
+
+
+def _check_metadata_task(metadata: Mapping[str, Any] | None, source: ModelSource) -> None:
+    """``metadata={"task": ...}`` must name the task the model is saved for, as stock requires.
+
+    Serving platforms read ``metadata.task`` to pick the OpenAI route, so a mismatch would
+    serve the model as something it is not.
+    """
+    declared = (metadata or {}).get("task")
+    if declared is None or declared in (source.inference_task, source.adapter.task):
+        return
+    saved_as = source.inference_task or source.native_task
+    raise InvalidInputError(  # stock's wording first: callers match on it
+        f"LLM v1 task type {declared!r} is specified in metadata, but it doesn't match the task "
+        f"type provided in the `task` argument: {saved_as!r}. metadata['task'] is {declared!r} "
+        f"but the model is saved for task {saved_as!r}. Pass the task explicitly, e.g. "
+        f"log_model(..., task={declared!r}), or drop metadata['task'].",
+        param="metadata",
+    )
+
+
+def _check_prompt_template_task(template: Any, task: str | None) -> None:
+    """Refuse a template for a task that takes none (or one unknown to us), before the model
+    is checked against the task, as stock checks it right after building the pipeline."""
+    if template is None or task is None:
+        return
+    adapter = ADAPTERS.get(TASK_ALIASES.get(task, task))
+    if adapter is None or not adapter.supports_prompt_template:
+        _refuse_prompt_template_task(task)
+
+
+def _refuse_prompt_template_task(task: str) -> NoReturn:
+    supported = sorted(
+        name for name, adapter in ADAPTERS.items() if adapter.supports_prompt_template
+    )
+    # Stock's wording first: callers (and MLflow's tests) match on it.
+    raise InvalidInputError(
+        f"Prompt templating is not supported for the `{task}` task type. Supported task types "
+        f"are: {supported}. prompt_template applies to text generation, seq2seq generation, "
+        "fill-mask and feature-extraction models; drop it to save this one.",
+        param="prompt_template",
+    )
+
+
+def _validate_prompt_template(template: Any, adapter: type[TaskAdapter]) -> str | None:
+    if template is None:
+        return None
+    if not adapter.supports_prompt_template:
+        _refuse_prompt_template_task(adapter.task)
+    if not isinstance(template, str):
+        raise InvalidInputError(
+            f"Argument `prompt_template` must be a string, received {type(template)}: pass a "
+            f"template string with the placeholder '{{prompt}}', got {template!r}.",
+            param="prompt_template",
+        )
+    try:
+        if template.format(prompt="") == template or "{prompt}" not in template:
+            raise KeyError("prompt")
+    except (KeyError, IndexError, ValueError) as err:
+        raise InvalidInputError(
+            "Argument `prompt_template` must be a string with a single format arg, 'prompt'. "
+            "For example: 'Answer the following question in a friendly tone. Q: {prompt}. A:'. "
+            f"Received {template!r}: prompt_template must contain exactly the placeholder "
+            "'{prompt}' and no other braces (use '{{' for a literal brace).",
+            param="prompt_template",
+        ) from err
+    return template
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    return None if dtype is None else str(as_torch_dtype(dtype)).removeprefix("torch.")

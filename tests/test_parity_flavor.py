@@ -187,7 +187,7 @@ def test_input_example_with_params_as_stock_takes_it(gpt2_pipe: Any, tracking_ur
 def test_input_example_that_does_not_run_warns_and_keeps_the_default_signature(
     gpt2_pipe: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
-    with caplog.at_level(logging.WARNING, logger="mlflow_tfx_plugin.flavor"):
+    with caplog.at_level(logging.WARNING, logger="mlflow_tfx_plugin.saving"):
         tfx.save_model(gpt2_pipe, tmp_path / "ours", input_example={"prompt": 3})
     mlflow.transformers.save_model(
         gpt2_pipe, tmp_path / "stock", input_example={"prompt": 3}, pip_requirements=["x"]

@@ -372,9 +372,7 @@ def test_client_create_model_version_persists_then_creates(
     client.create_registered_model("m")
     source = str(tmp_path / "model")
     mv = client.create_model_version("m", source, run_id=run_id, tags={"k": "v"})
-    persist_stub.assert_called_once_with(
-        source, model_id=None, run_id=run_id, local_model_path=None, store=_client_store(client)
-    )
+    persist_stub.assert_called_once_with(source, model_id=None, local_model_path=None)
     assert isinstance(_client_store(client), AutoPersistMixin)
     assert (int(mv.version), mv.source, mv.run_id, mv.tags) == (1, source, run_id, {"k": "v"})
 
@@ -426,7 +424,6 @@ def test_log_model_with_registered_model_name_passes_model_id_and_local_path(
         )
     assert seen["source"] == f"models:/{info.model_id}"
     assert seen["model_id"] == info.model_id
-    assert seen["run_id"] is None  # MLflow registers models:/<model_id>, without the run id
     assert "MLmodel" in seen["files"]  # the local copy exists while the store runs
     assert info.registered_model_version == 1
 
@@ -440,19 +437,13 @@ def test_register_model_passes_model_id(tracking_uri: str, persist_stub: Any) ->
 
     mlflow.register_model(info.model_uri, "by-model-uri")
     persist_stub.assert_called_once_with(
-        f"models:/{info.model_id}",
-        model_id=info.model_id,
-        run_id=None,
-        local_model_path=None,
-        store=persist_stub.call_args.kwargs["store"],
+        f"models:/{info.model_id}", model_id=info.model_id, local_model_path=None
     )
-    assert isinstance(persist_stub.call_args.kwargs["store"], AutoPersistMixin)
 
     persist_stub.reset_mock()
     mv = mlflow.register_model(f"runs:/{run.info.run_id}/model", "by-run-uri")
     assert persist_stub.call_args.args == (f"models:/{info.model_id}",)
     assert persist_stub.call_args.kwargs["model_id"] == info.model_id
-    assert persist_stub.call_args.kwargs["run_id"] == run.info.run_id
     assert persist_stub.call_args.kwargs["local_model_path"] is None
     assert int(mv.version) == 1
 

@@ -101,3 +101,65 @@ def test_prompt_template_for_a_task_without_templates(
     pipe.task = task
     with _raises(f"Prompt templating is not supported for the `{task}` task type."):
         tfx.save_model(pipe, tmp_path / "m", prompt_template="Q: {prompt}")
+
+
+@pytest.mark.parametrize(
+    ("model_dir", "task", "pipeline_class"),
+    [
+        ("tiny_gpt2_dir", "text-generation", "TextGenerationPipeline"),
+        # transformers 5 has no text2text pipeline: stock's name for it, not our runner's
+        ("tiny_t5_dir", "text2text-generation", "Text2TextGenerationPipeline"),
+    ],
+)
+def test_params_the_pipeline_rejects(
+    request: pytest.FixtureRequest, model_dir: str, task: str, pipeline_class: str
+):
+    pipe = tfx.pipeline(task, model=str(request.getfixturevalue(model_dir)))
+    phrase = (
+        f"The params provided to the `predict` method are not valid for pipeline {pipeline_class}."
+    )
+    with _raises(phrase):
+        tfx.generate_signature_output(pipe, "Hello", params={"max_new_tokens": 2, "foo": 1})
+
+
+def test_list_mixing_strings_and_other_values(tiny_bert_mlm_dir: Path):
+    pipe = transformers.pipeline("fill-mask", model=str(tiny_bert_mlm_dir))
+    with _raises("If supplying a list, all values must be of string type."):
+        tfx.generate_signature_output(pipe, ["Paris is the [MASK] of France.", 42])
+
+
+@pytest.mark.parametrize("data", [[1, 2], [{"text": "Hello"}, 3]])
+def test_list_of_neither_strings_nor_dicts(gpt2_pipe: Any, data: list[Any]):
+    phrase = "Invalid data submission. Ensure all elements in the list are strings or dictionaries."
+    with _raises(phrase):
+        tfx.generate_signature_output(gpt2_pipe, data)
+
+
+@pytest.fixture(scope="module")
+def asr_pipe(tiny_whisper_dir: Path) -> Any:
+    return transformers.pipeline("automatic-speech-recognition", model=str(tiny_whisper_dir))
+
+
+def test_audio_string_neither_file_nor_base64(asr_pipe: Any):
+    phrase = (
+        "An invalid string input was provided. String inputs to audio or image files must be "
+        "either a file location or a uri."
+    )
+    with _raises(phrase):
+        tfx.generate_signature_output(asr_pipe, "no/such/file.wav")
+
+
+@pytest.mark.parametrize("data", [b"\x00\x01 not audio", "bm90IGF1ZGlv"])  # raw; base64
+def test_audio_that_does_not_decode(asr_pipe: Any, data: Any):
+    phrase = (
+        "Failed to process the input audio data. Either the audio file is corrupted or a uri "
+        "was passed in without overriding the default model signature."
+    )
+    with _raises(phrase):
+        tfx.generate_signature_output(asr_pipe, data)
+
+
+def test_image_string_neither_file_nor_base64(tiny_vit_dir: Path):
+    pipe = transformers.pipeline("image-classification", model=str(tiny_vit_dir))
+    with _raises("An invalid string input was provided. String inputs to audio or image files"):
+        tfx.generate_signature_output(pipe, "no/such/image.png")

@@ -49,14 +49,38 @@ def test_mapping_tables_read_from_source_match_the_imported_module():
         assert table == dict(getattr(modeling_auto, name)), name
 
 
+#: What MLmodel records as the class that runs each task without a transformers pipeline:
+#: the flavor's runner, or for llm/v1 tasks the native pipeline stock mlflow.transformers
+#: records for the same model (``instance_type`` of ``save_model(pipe, task="llm/v1/chat")``).
+RECORDED_WITHOUT_PIPELINE = {
+    "llm/v1/chat": "TextGenerationPipeline",
+    "llm/v1/completions": "TextGenerationPipeline",
+    "llm/v1/embeddings": "FeatureExtractionPipeline",
+    "question-answering": "ExtractiveQARunner",
+    "summarization": "Seq2SeqRunner",
+    "text2text-generation": "Seq2SeqRunner",
+    "translation": "Seq2SeqRunner",
+}
+
+
 @pytest.mark.parametrize("task", sorted(ADAPTERS))
 def test_recorded_pipeline_class_is_the_real_one(task: str):
     from transformers.pipelines import SUPPORTED_TASKS
 
     adapter = ADAPTERS[task]
     if adapter.pipeline_task is None:
-        assert adapter.pipeline_class_name() == adapter.runner_class.__name__
+        assert adapter.pipeline_class_name() == RECORDED_WITHOUT_PIPELINE[task]
     else:
+        assert task not in RECORDED_WITHOUT_PIPELINE
         assert SUPPORTED_TASKS[adapter.pipeline_task]["impl"].endswith(
             "." + adapter.pipeline_class_name()
         )
+
+
+@pytest.mark.parametrize("task", ["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"])
+def test_llm_tasks_record_their_native_pipeline_class(task: str):
+    from transformers.pipelines import SUPPORTED_TASKS
+
+    adapter = ADAPTERS[task]
+    native = SUPPORTED_TASKS[adapter.native_task]["impl"]
+    assert native.endswith("." + adapter.pipeline_class_name())

@@ -19,8 +19,8 @@ import numpy as np
 
 from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.tasks.base import (
+    STOCK_INVALID_STRING_INPUT,
     TaskAdapter,
-    call_runner,
     column_schema,
     decode_base64,
     string_schema,
@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 
 #: How WAV, FLAC and OGG files start: such bytes are audio, never base64 text.
 _AUDIO_MAGIC = (b"RIFF", b"RIFX", b"RF64", b"fLaC", b"OggS")
+#: Stock ``mlflow.transformers``' words for audio it cannot decode, which callers match on.
+_STOCK_UNDECODABLE_AUDIO = (
+    "Failed to process the input audio data. Either the audio file is corrupted or a uri was "
+    "passed in without overriding the default model signature."
+)
 
 
 class SpeechRecognitionAdapter(TaskAdapter):
@@ -47,7 +52,6 @@ class SpeechRecognitionAdapter(TaskAdapter):
     call_params: ClassVar[dict[str, str]] = {"max_new_tokens": "long", "chunk_length_s": "double"}
     untyped_params = ("return_timestamps", "stride_length_s")
     needs_tokenizer = False
-    default_input_example = None
 
     @classmethod
     def default_signature(cls, model_config: Mapping[str, Any] | None = None) -> ModelSignature:
@@ -67,7 +71,7 @@ class SpeechRecognitionAdapter(TaskAdapter):
         """One transcript per input; with ``return_timestamps`` "word" or "char", the
         pipeline's output (text and chunks) as a JSON string, as stock returns it."""
         waveforms = _waveforms(self.runner, data)
-        outputs = call_runner(self.runner, waveforms, _generate_kwargs(call_kwargs), task=self.task)
+        outputs = self.call_runner(waveforms, _generate_kwargs(call_kwargs))
         if call_kwargs.get("return_timestamps") in ("word", "char"):
             return [json.dumps(output) for output in outputs]
         return [output["text"].strip() for output in outputs]  # stock strips, as here
@@ -84,7 +88,6 @@ class AudioClassificationAdapter(TaskAdapter):
     auto_model_class = "AutoModelForAudioClassification"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long"}
     needs_tokenizer = False
-    default_input_example = None
     default_signature = SpeechRecognitionAdapter.default_signature
 
     @classmethod
@@ -97,7 +100,7 @@ class AudioClassificationAdapter(TaskAdapter):
         waveforms = _waveforms(self.runner, data)
         single = len(waveforms) == 1 and not isinstance(data, list)
         inputs = waveforms[0] if single else waveforms
-        return pd.DataFrame(call_runner(self.runner, inputs, call_kwargs, task=self.task))
+        return pd.DataFrame(self.call_runner(inputs, call_kwargs))
 
 
 def _waveforms(pipeline: Any, data: Any) -> list[np.ndarray]:
@@ -167,8 +170,9 @@ def _read_path_or_base64(text: str) -> bytes:
     decoded = decode_base64(text)
     if decoded is None:
         raise InvalidInputError(
-            f"'{text[:80]}' is neither an existing audio file nor base64-encoded audio; send "
-            "a local path, the file's bytes, or their base64 encoding.",
+            f"{STOCK_INVALID_STRING_INPUT} '{text[:80]}' is neither an existing audio file nor "
+            "base64-encoded audio; send a local path, the file's bytes, or their base64 "
+            "encoding.",
             param="inputs",
         )
     return decoded
@@ -190,7 +194,8 @@ def _decode_audio(payload: bytes, sampling_rate: int, *, source: str | None = No
     except (RuntimeError, soundfile.LibsndfileError) as err:
         what = f"'{source[:80]}' (read as base64)" if source is not None else "audio bytes"
         raise InvalidInputError(
-            f"Could not decode {what}: {err}. Send WAV, FLAC or OGG data, raw or base64.",
+            f"{_STOCK_UNDECODABLE_AUDIO} Could not decode {what}: {err}. Send WAV, FLAC or OGG "
+            "data, raw or base64.",
             param="inputs",
         ) from err
     return _resample(waveform.mean(axis=1), rate, sampling_rate)

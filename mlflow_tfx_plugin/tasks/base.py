@@ -14,6 +14,7 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -89,6 +90,9 @@ class TaskAdapter(ABC):
     pipeline_task: ClassVar[str | None] = None
     #: Class name of that pipeline (recorded in MLmodel without importing the pipelines).
     pipeline_class: ClassVar[str | None] = None
+    #: The pipeline class stock ``mlflow.transformers`` names for the task where transformers
+    #: 5 removed it and the flavor runs a runner of its own (MLmodel's ``instance_type``).
+    stock_pipeline_class: ClassVar[str | None] = None
     #: ``transformers.models.auto.modeling_auto`` mappings whose models can do the task.
     model_mappings: ClassVar[tuple[str, ...]] = ()
     #: The Auto class used to load the model for this task.
@@ -109,7 +113,13 @@ class TaskAdapter(ABC):
     probe_params: ClassVar[dict[str, Any]] = {}
     #: The flavor's own runner class, for tasks without a transformers pipeline.
     runner_class: ClassVar[type[Runner]] = Runner
-    default_input_example: ClassVar[Any] = "Hello, world!"
+    #: pyfunc ``predict_stream`` yields chunks (MLmodel's ``streamable``).
+    streamable: ClassVar[bool] = False
+    #: The model generates text, so a deployment serves it on the OpenAI chat, completions
+    #: and embeddings routes.
+    generates_text: ClassVar[bool] = False
+    #: The model embeds text, so a deployment serves it on the OpenAI embeddings route.
+    embeds_text: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -146,6 +156,18 @@ class TaskAdapter(ABC):
     def pipeline_class_name(cls) -> str:
         """The class that runs the task: the transformers pipeline class, or the runner's."""
         return cls.pipeline_class or cls.runner_class.__name__
+
+    @classmethod
+    def has_needed_components(cls, components: Mapping[str, Any]) -> bool:
+        """Whether ``components`` hold what the task needs besides the model: a tokenizer
+        (or a processor holding one), when :attr:`needs_tokenizer`."""
+        return not cls.needs_tokenizer or "tokenizer" in components or "processor" in components
+
+    @classmethod
+    def read_task_options(cls, checkpoint_dir: Path | None) -> dict[str, Any]:
+        """Settings read from the checkpoint at save time and passed to :meth:`build_runner`
+        at load time (none by default)."""
+        return {}
 
     @classmethod
     def default_signature(
@@ -247,25 +269,26 @@ class TaskAdapter(ABC):
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> Any:
         """Run the task on pyfunc input with the resolved call parameters."""
 
+    def call_runner(self, inputs: Any, call_kwargs: Mapping[str, Any]) -> Any:
+        """Call the pipeline or runner with the resolved call parameters.
 
-def call_runner(runner: Any, inputs: Any, call_kwargs: Mapping[str, Any], *, task: str) -> Any:
-    """Call a pipeline or runner with the resolved call parameters.
-
-    transformers reports parameters a model cannot use (a ``model_config`` key that is no
-    generation argument, a value ``generate`` refuses) with a ``ValueError``; that is the
-    caller's mistake, so it becomes an :class:`InvalidInputError` naming the parameters.
-    """
-    try:
-        return runner(inputs, **call_kwargs)
-    except ValueError as err:
-        if isinstance(err, InvalidInputError) or not call_kwargs:
-            raise
-        raise InvalidInputError(
-            f"The '{task}' model rejected the call parameters "
-            f"{ {k: call_kwargs[k] for k in sorted(call_kwargs)} }: {err} Pass only parameters "
-            "the model's generate() accepts, with valid values.",
-            param=next((name for name in sorted(call_kwargs) if name in str(err)), None),
-        ) from err
+        transformers reports parameters a model cannot use (a ``model_config`` key that is no
+        generation argument, a value ``generate`` refuses) with a ``ValueError``; that is the
+        caller's mistake, so it becomes an :class:`InvalidInputError` naming the parameters.
+        """
+        try:
+            return self.runner(inputs, **call_kwargs)
+        except ValueError as err:
+            if isinstance(err, InvalidInputError) or not call_kwargs:
+                raise
+            pipeline_class = self.stock_pipeline_class or type(self.runner).__name__
+            raise InvalidInputError(  # stock's wording first: callers match on it
+                "The params provided to the `predict` method are not valid for pipeline "
+                f"{pipeline_class}. The '{self.task}' model rejected the call parameters "
+                f"{ {k: call_kwargs[k] for k in sorted(call_kwargs)} }: {err} Pass only "
+                "parameters the model's generate() accepts, with valid values.",
+                param=next((name for name in sorted(call_kwargs) if name in str(err)), None),
+            ) from err
 
 
 def frame_records(frame: pd.DataFrame) -> list[dict[Any, Any]]:
@@ -334,27 +357,25 @@ def _scalar_dtype(name: str, value: Any) -> str:
     )
 
 
-def as_text_list(data: Any, *, field: str = "inputs") -> tuple[list[str], bool]:
+def as_text_list(data: Any, *, field: str = "inputs") -> list[str]:
     """Normalize text input to a list of strings.
 
     Accepts a string, a list of strings, or records (dicts) with exactly one string
     field, as pandas input arrives after the pyfunc boundary.
-
-    Returns:
-        The strings, and whether the input was a single string.
     """
     if isinstance(data, str):
-        return [data], True
+        return [data]
     if isinstance(data, Mapping):
-        return [_single_text(data, field)], True
+        return [_single_text(data, field)]
     if isinstance(data, list) and data:
         if len({isinstance(item, str) for item in data}) > 1:
-            raise InvalidInputError(
+            raise InvalidInputError(  # stock's wording first: callers match on it
+                "If supplying a list, all values must be of string type. "
                 f"'{field}' mixes strings and other values ({_describe(data)}); send a list of "
                 "strings, or a list of records with one string field each.",
                 param=field,
             )
-        return [_single_text(item, field) for item in data], False
+        return [_single_text(item, field) for item in data]
     raise InvalidInputError(
         f"Expected a string or a non-empty list of strings for '{field}', got {_describe(data)}.",
         param=field,
@@ -368,8 +389,15 @@ def _single_text(item: Any, field: str) -> str:
         value = next(iter(item.values()))
         if isinstance(value, str):
             return value
+    stock_phrase = (  # stock's wording first: callers match on it
+        ""
+        if isinstance(item, Mapping)
+        else "Invalid data submission. Ensure all elements in the list are strings or "
+        "dictionaries. "
+    )
     raise InvalidInputError(
-        f"Expected each item of '{field}' to be a string, got {_describe(item)}.", param=field
+        f"{stock_phrase}Expected each item of '{field}' to be a string, got {_describe(item)}.",
+        param=field,
     )
 
 
@@ -380,14 +408,9 @@ def unwrap_record(item: Any) -> Any:
     return item
 
 
-def as_records(data: Any, *, required: tuple[str, ...]) -> tuple[list[dict[str, Any]], bool]:
-    """Normalize dict-style input (a dict or a list of dicts) and check required keys.
-
-    Returns:
-        The records, and whether the input was a single dict.
-    """
-    single = isinstance(data, Mapping)
-    records = [dict(data)] if single else data
+def as_records(data: Any, *, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Normalize dict-style input (a dict or a list of dicts) and check required keys."""
+    records = [dict(data)] if isinstance(data, Mapping) else data
     if not isinstance(records, list) or not records:
         raise InvalidInputError(
             f"Expected a dict (or a list of dicts) with keys {list(required)}, "
@@ -406,7 +429,7 @@ def as_records(data: Any, *, required: tuple[str, ...]) -> tuple[list[dict[str, 
                 f"Input is missing required field(s) {missing}; expected keys {list(required)}.",
                 param=missing[0],
             )
-    return records, single
+    return records
 
 
 def require_string(value: Any, field: str) -> str:
@@ -428,6 +451,14 @@ def maybe_json(value: Any, field: str) -> Any:
             f"Field '{field}' must be a JSON object or list, or a string holding one: {err}.",
             param=field,
         ) from err
+
+
+#: Stock ``mlflow.transformers``' words for a string that is neither a file nor a URI, which
+#: callers match on; our messages for a string that is neither a file nor base64 start so.
+STOCK_INVALID_STRING_INPUT = (
+    "An invalid string input was provided. String inputs to audio or image files must be "
+    "either a file location or a uri."
+)
 
 
 def decode_base64(data: str | bytes) -> bytes | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.generation import StreamDelta
@@ -28,9 +28,6 @@ class ChatAdapter(GenerativeAdapter):
 
     task = "llm/v1/chat"
     request_model = ChatCompletionRequest
-    default_input_example: ClassVar[Any] = {
-        "messages": [{"role": "user", "content": "What is the capital of France?"}]
-    }
 
     @classmethod
     def input_schema(cls) -> Schema:

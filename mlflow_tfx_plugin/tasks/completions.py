@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.generation import StreamDelta
@@ -25,7 +25,6 @@ class CompletionsAdapter(GenerativeAdapter):
     task = "llm/v1/completions"
     request_model = CompletionRequest
     supports_prompt_template = True
-    default_input_example: ClassVar[Any] = {"prompt": "The capital of France is"}
 
     @classmethod
     def input_schema(cls) -> Schema:

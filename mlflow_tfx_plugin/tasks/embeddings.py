@@ -12,7 +12,7 @@ import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -126,12 +126,14 @@ class EmbeddingsAdapter(LLMAdapter):
     """Embeddings for a string or a list of strings, in ``float`` or ``base64`` encoding."""
 
     task = "llm/v1/embeddings"
-    native_task = "feature-extraction"
+    native_task = FeatureExtractionAdapter.task
+    #: What stock ``mlflow.transformers`` records for the same model (see GenerativeAdapter).
+    pipeline_class = FeatureExtractionAdapter.pipeline_class
     model_mappings = FeatureExtractionAdapter.model_mappings
     auto_model_class = "AutoModel"
     load_with_auto_class = True
     request_model = EmbeddingRequest
-    default_input_example: ClassVar[Any] = {"input": ["MLflow tracks models."]}
+    embeds_text = True
 
     @classmethod
     def input_schema(cls) -> Schema:
@@ -148,6 +150,11 @@ class EmbeddingsAdapter(LLMAdapter):
         return EMBEDDING_MODEL_OUTPUT_SCHEMA
 
     @classmethod
+    def read_task_options(cls, checkpoint_dir: Path | None) -> dict[str, Any]:
+        """The checkpoint's pooling settings (see :func:`pooling_options`)."""
+        return pooling_options(checkpoint_dir)
+
+    @classmethod
     def build_runner(cls, components: Components, **task_options: Any) -> EmbeddingRunner:
         model = components["model"]
         return EmbeddingRunner(
@@ -159,11 +166,12 @@ class EmbeddingsAdapter(LLMAdapter):
     def respond(self, requests: list[EmbeddingRequest]) -> list[dict[str, Any]]:
         texts = [text for request in requests for text in request.inputs]
         vectors, token_counts = self.runner.encode(texts)  # every request in one forward pass
-        return self.respond_encoded(requests, vectors, token_counts)
+        responses = self.respond_encoded(requests, vectors, token_counts)
+        return [response.model_dump() for response in responses]
 
     def respond_encoded(
         self, requests: list[EmbeddingRequest], vectors: np.ndarray, token_counts: list[int]
-    ) -> list[dict[str, Any]]:
+    ) -> list[EmbeddingResponse]:
         """Responses for ``requests`` from their texts' vectors and token counts, in order."""
         responses, offset = [], 0
         for request in requests:
@@ -177,7 +185,7 @@ class EmbeddingsAdapter(LLMAdapter):
             response = EmbeddingResponse(
                 data=data, model=self.response_model_name(request), usage=Usage.of(tokens)
             )
-            responses.append(response.model_dump())
+            responses.append(response)
         return responses
 
 

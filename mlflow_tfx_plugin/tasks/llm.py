@@ -30,7 +30,6 @@ class LLMAdapter(TaskAdapter):
 
     native_task: ClassVar[str]
     request_model: ClassVar[type[BaseModel]]
-    streamable: ClassVar[bool] = False
 
     @classmethod
     def default_signature(cls, model_config: Mapping[str, Any] | None = None) -> Any:
@@ -105,9 +104,13 @@ class GenerativeAdapter(LLMAdapter):
     """Chat and completions: a causal LM driven by :class:`TextGenerator`."""
 
     native_task = TextGenerationAdapter.task
+    #: What stock ``mlflow.transformers`` records for the same model: the native pipeline's
+    #: class, which loads it (the flavor runs it with :class:`TextGenerator`).
+    pipeline_class = TextGenerationAdapter.pipeline_class
     model_mappings = TextGenerationAdapter.model_mappings
     auto_model_class = TextGenerationAdapter.auto_model_class
     streamable = True
+    generates_text = True
 
     @classmethod
     def build_runner(cls, components: Components, **task_options: Any) -> TextGenerator:
@@ -121,10 +124,12 @@ def extend_schema(schema: Schema, *extra: Any) -> Schema:
     public schemas (MLflow's schema enforcement drops undeclared fields before the model
     sees them).
     """
-    from mlflow.types.schema import ColSpec, Object, Property, Schema
+    from mlflow.types.schema import AnyType, ColSpec, Object, Property, Schema
 
     generation_fields = (
         ColSpec("long", "seed", required=False),
+        # a JSON schema of any shape: a typed Object would reject most schemas
+        ColSpec(AnyType(), "response_format", required=False),
         ColSpec("double", "repetition_penalty", required=False),
         ColSpec(
             Object([Property("include_usage", "boolean", required=False)]),

@@ -6,6 +6,7 @@ answer span in the context from the start/end logits.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -91,7 +92,8 @@ def _runner_pairs(
             param="inputs",
         )
     if inputs:
-        records, single = as_records(inputs[0], required=("question", "context"))
+        records = as_records(inputs[0], required=("question", "context"))
+        single = isinstance(inputs[0], Mapping)
     elif question is None or context is None:
         raise InvalidInputError(
             "Both question= and context= are needed.",
@@ -127,11 +129,8 @@ class QuestionAnsweringAdapter(TaskAdapter):
     model_mappings = ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",)
     auto_model_class = "AutoModelForQuestionAnswering"
     runner_class = ExtractiveQARunner
+    stock_pipeline_class = "QuestionAnsweringPipeline"
     call_params: ClassVar[dict[str, str]] = {"max_answer_len": "long", "top_k": "long"}
-    default_input_example: ClassVar[Any] = {
-        "question": "What is the capital of France?",
-        "context": "Paris is the capital of France.",
-    }
 
     @classmethod
     def input_schema(cls) -> Schema:
@@ -143,7 +142,7 @@ class QuestionAnsweringAdapter(TaskAdapter):
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
         """One answer per (question, context) pair, stripped as stock strips it."""
-        records, _ = as_records(data, required=("question", "context"))
+        records = as_records(data, required=("question", "context"))
         return [
             answer["answer"].strip()
             for record in records
@@ -155,8 +154,8 @@ class QuestionAnsweringAdapter(TaskAdapter):
 def _pairs(record: dict[str, Any]) -> list[tuple[str, str]]:
     """``question``/``context`` as strings or equal-length lists; one context may serve a list
     of questions (as transformers' question-answering pipeline allowed)."""
-    questions, _ = as_text_list(record["question"], field="question")
-    contexts, _ = as_text_list(record["context"], field="context")
+    questions = as_text_list(record["question"], field="question")
+    contexts = as_text_list(record["context"], field="context")
     if len(contexts) == 1:
         contexts = contexts * len(questions)
     if len(questions) != len(contexts):

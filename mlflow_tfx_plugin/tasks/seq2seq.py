@@ -17,7 +17,6 @@ from mlflow_tfx_plugin.tasks.base import (
     Runner,
     TaskAdapter,
     as_text_list,
-    call_runner,
 )
 
 
@@ -60,9 +59,9 @@ class Text2TextGenerationAdapter(TaskAdapter):
     call_params: ClassVar[dict[str, str]] = dict(GENERATION_PARAMS)
     supports_prompt_template = True
     probe_params: ClassVar[dict[str, Any]] = {"max_new_tokens": 8}
-    default_input_example = "answer: What is the capital of France?"
     output_key: ClassVar[str] = "generated_text"
     runner_class = Seq2SeqRunner
+    stock_pipeline_class = "Text2TextGenerationPipeline"
 
     @classmethod
     def build_runner(cls, components: Components, **task_options: Any) -> Seq2SeqRunner:
@@ -75,7 +74,7 @@ class Text2TextGenerationAdapter(TaskAdapter):
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
         prompts = self.apply_prompt_template(self.parse_texts(data))
-        outputs = call_runner(self.runner, prompts, call_kwargs, task=self.task)
+        outputs = self.call_runner(prompts, call_kwargs)
         return [output[self.output_key] for output in outputs]
 
     def parse_texts(self, data: Any) -> list[str]:
@@ -87,7 +86,7 @@ class Text2TextGenerationAdapter(TaskAdapter):
             texts = [text for record in data for text in _record_texts(record)]
             _check_same_keys(data)
             return texts
-        return as_text_list(data)[0]
+        return as_text_list(data)
 
 
 class SummarizationAdapter(Text2TextGenerationAdapter):
@@ -95,7 +94,7 @@ class SummarizationAdapter(Text2TextGenerationAdapter):
     (stock MLflow's summarization/translation parsing)."""
 
     task = "summarization"
-    default_input_example = "MLflow is an open source platform for the machine learning lifecycle."
+    stock_pipeline_class = "SummarizationPipeline"
     output_key = "summary_text"
 
     def parse_texts(self, data: Any) -> list[str]:
@@ -109,13 +108,13 @@ class SummarizationAdapter(Text2TextGenerationAdapter):
                 "records.",
                 param="inputs",
             )
-        return as_text_list(data)[0]
+        return as_text_list(data)
 
 
 class TranslationAdapter(SummarizationAdapter):
     task = "translation"
+    stock_pipeline_class = "TranslationPipeline"
     supports_prompt_template = False  # as stock: its templating covers summarization only
-    default_input_example = "The house is wonderful."
     output_key = "translation_text"
 
 

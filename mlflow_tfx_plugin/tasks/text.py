@@ -17,7 +17,6 @@ from mlflow_tfx_plugin.tasks.base import (
     _describe,
     as_records,
     as_text_list,
-    call_runner,
     column_schema,
     frame_records,
     plain,
@@ -47,15 +46,15 @@ class TextGenerationAdapter(TaskAdapter):
     }
     supports_prompt_template = True
     probe_params: ClassVar[dict[str, Any]] = {"max_new_tokens": 8}
-    default_input_example = "Hello, my name is"
+    generates_text = True
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
-        texts, _ = as_text_list(data)
+        texts = as_text_list(data)
         prompts = self.apply_prompt_template(texts)
         include_prompt = call_kwargs.pop("include_prompt", False)
         collapse_whitespace = call_kwargs.pop("collapse_whitespace", False)
         call_kwargs.setdefault("return_full_text", include_prompt)
-        outputs = call_runner(self.runner, prompts, call_kwargs, task=self.task)
+        outputs = self.call_runner(prompts, call_kwargs)
         generated = [_first(output)["generated_text"] for output in outputs]
         if collapse_whitespace:
             generated = [" ".join(text.split()) for text in generated]
@@ -72,7 +71,6 @@ class FillMaskAdapter(TaskAdapter):
     auto_model_class = "AutoModelForMaskedLM"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long"}
     supports_prompt_template = True
-    default_input_example = "The capital of France is [MASK]."
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[Any]:
         """The top token of each mask, shaped as stock ``mlflow.transformers`` shapes it.
@@ -87,10 +85,10 @@ class FillMaskAdapter(TaskAdapter):
                 "(with its mask token), or a list of texts.",
                 param="inputs",
             )
-        texts, _ = as_text_list(data)
+        texts = as_text_list(data)
         prompts = self.apply_prompt_template(texts)
         self._require_mask(texts, prompts)
-        outputs = call_runner(self.runner, prompts, call_kwargs, task=self.task)
+        outputs = self.call_runner(prompts, call_kwargs)
         # transformers unwraps the outer list when there is a single input.
         outputs = [outputs] if len(prompts) == 1 else outputs
         answers = [_top_tokens(output) for output in outputs]
@@ -124,7 +122,6 @@ class TextClassificationAdapter(TaskAdapter):
     model_mappings = ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",)
     auto_model_class = "AutoModelForSequenceClassification"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long", "function_to_apply": "string"}
-    default_input_example = "MLflow makes tracking models easy."
 
     @classmethod
     def output_schema(cls) -> Schema:
@@ -134,7 +131,7 @@ class TextClassificationAdapter(TaskAdapter):
         import pandas as pd
 
         inputs = _classification_inputs(data)
-        outputs = call_runner(self.runner, inputs, call_kwargs, task=self.task)
+        outputs = self.call_runner(inputs, call_kwargs)
         rows = [
             row for output in outputs for row in (output if isinstance(output, list) else [output])
         ]
@@ -150,11 +147,10 @@ class TokenClassificationAdapter(TaskAdapter):
     model_mappings = ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",)
     auto_model_class = "AutoModelForTokenClassification"
     call_params: ClassVar[dict[str, str]] = {"aggregation_strategy": "string"}
-    default_input_example = "Alice lives in Paris."
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
-        texts, _ = as_text_list(data)
-        outputs = call_runner(self.runner, texts, call_kwargs, task=self.task)
+        texts = as_text_list(data)
+        outputs = self.call_runner(texts, call_kwargs)
         return [_entity_labels(entities) for entities in outputs]
 
 
@@ -167,11 +163,6 @@ class ZeroShotClassificationAdapter(TaskAdapter):
     model_mappings = ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",)
     auto_model_class = "AutoModelForSequenceClassification"
     call_params: ClassVar[dict[str, str]] = {"multi_label": "boolean"}
-    default_input_example: ClassVar[Any] = {
-        "sequences": "My phone battery dies in an hour.",
-        "candidate_labels": ["hardware", "software"],
-        "hypothesis_template": "This example is about {}.",
-    }
 
     @classmethod
     def input_schema(cls) -> Schema:
@@ -211,7 +202,7 @@ class ZeroShotClassificationAdapter(TaskAdapter):
             template = record.get("hypothesis_template")
             if not _missing(template) and template != "":
                 kwargs["hypothesis_template"] = require_string(template, "hypothesis_template")
-            sequences, _ = as_text_list(record["sequences"], field="sequences")
+            sequences = as_text_list(record["sequences"], field="sequences")
             results = self.runner(sequences, candidate_labels=labels, **kwargs)
             for result in results if isinstance(results, list) else [results]:
                 rows.extend(
@@ -230,7 +221,7 @@ class FeatureExtractionAdapter(TaskAdapter):
     model_mappings = ("MODEL_MAPPING_NAMES",)
     auto_model_class = "AutoModel"
     supports_prompt_template = True
-    default_input_example = "MLflow tracks models."
+    embeds_text = True
 
     @classmethod
     def output_schema(cls) -> Schema:
@@ -240,7 +231,7 @@ class FeatureExtractionAdapter(TaskAdapter):
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> np.ndarray | list[np.ndarray]:
         """One text gives a (tokens, hidden) array; several give a list of them."""
-        texts, _ = as_text_list(data)
+        texts = as_text_list(data)
         outputs = self.runner(self.apply_prompt_template(texts), **call_kwargs)
         arrays = [np.asarray(output[0], dtype=np.float64) for output in outputs]
         return arrays[0] if len(arrays) == 1 else arrays
@@ -254,10 +245,6 @@ class TableQuestionAnsweringAdapter(TaskAdapter):
     pipeline_class = "TableQuestionAnsweringPipeline"
     model_mappings = ("MODEL_FOR_TABLE_QUESTION_ANSWERING_MAPPING_NAMES",)
     auto_model_class = "AutoModelForTableQuestionAnswering"
-    default_input_example: ClassVar[Any] = {
-        "query": "Which city is in France?",
-        "table": '{"city": ["Paris", "Rome"], "country": ["France", "Italy"]}',
-    }
 
     @classmethod
     def input_schema(cls) -> Schema:
@@ -280,11 +267,11 @@ class TableQuestionAnsweringAdapter(TaskAdapter):
 
     def run(self, data: Any, call_kwargs: dict[str, Any]) -> list[str]:
         """One answer per query; ``query`` may be a list of questions over the same table."""
-        records, _ = as_records(data, required=("query", "table"))
+        records = as_records(data, required=("query", "table"))
         answers: list[str] = []
         for record in records:
             table = _table(record["table"])
-            queries, _ = as_text_list(record["query"], field="query")
+            queries = as_text_list(record["query"], field="query")
             results = self.runner(table=table, query=queries, **call_kwargs)
             # transformers answers a dict for a single query, a list for several.
             for result in results if isinstance(results, list) else [results]:
@@ -350,7 +337,7 @@ def _classification_item(item: Any) -> str | dict[str, str]:
 
 def _zero_shot_requests(data: Any) -> list[dict[str, Any]]:
     """The zero-shot requests in pyfunc input: a dict, or records (a DataFrame's rows)."""
-    records, _ = as_records(data, required=("sequences", "candidate_labels"))
+    records = as_records(data, required=("sequences", "candidate_labels"))
     if len(records) > 1 and all(_json_list(r["candidate_labels"]) is None for r in records):
         # MLflow's serving turns {"sequences": s, "candidate_labels": [a, b]} into one row per
         # label; rebuild the request as stock does, from each column's distinct values.

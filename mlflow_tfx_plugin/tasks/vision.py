@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from mlflow_tfx_plugin.errors import InvalidInputError
-from mlflow_tfx_plugin.tasks.base import TaskAdapter, column_schema, decode_base64, unwrap_record
+from mlflow_tfx_plugin.tasks.base import (
+    STOCK_INVALID_STRING_INPUT,
+    TaskAdapter,
+    column_schema,
+    decode_base64,
+    unwrap_record,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,7 +34,6 @@ class ImageClassificationAdapter(TaskAdapter):
     auto_model_class = "AutoModelForImageClassification"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long"}
     needs_tokenizer = False
-    default_input_example = None
 
     @classmethod
     def output_schema(cls) -> Schema:
@@ -94,8 +99,8 @@ def _read_path_or_base64(text: str) -> bytes:
     decoded = decode_base64(text)
     if decoded is None:
         raise InvalidInputError(
-            f"'{text[:80]}' is neither an existing file nor base64 image data; send a local "
-            "path or the base64 encoding of the image file.",
+            f"{STOCK_INVALID_STRING_INPUT} '{text[:80]}' is neither an existing file nor base64 "
+            "image data; send a local path or the base64 encoding of the image file.",
             param="inputs",
         )
     return decoded
