@@ -1,21 +1,16 @@
-"""Plumbing for benchmarks/serve.py: server processes, peak memory, load generation, clients.
+"""Plumbing for benchmarks/serve.py: peak memory, load generation, clients.
 
-Nothing here knows which server it drives: a server is a command plus a health URL, and a
-client is a ``send(messages) -> Reply`` callable.
+Nothing here knows which server it drives: a server is a process tree to watch, and a client
+is a ``send(messages) -> Reply`` callable. Starting and stopping servers is
+``integration/servers.py``'s job (through ``_shared``).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,13 +66,6 @@ class LevelResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the server binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- peak memory
@@ -140,83 +128,6 @@ def listening_pid(port: int) -> int | None:
         if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
             return conn.pid
     return None
-
-
-# --------------------------------------------------------------------------- server processes
-
-
-def wait_healthy(url: str, *, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
-    """Poll ``url`` until it answers 200.
-
-    Raises:
-        RuntimeError: the server died or did not answer within ``timeout_s``.
-    """
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"the server exited before {url} answered")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f} s")
-
-
-@contextmanager
-def server_process(
-    cmd: list[str],
-    *,
-    health_url: str,
-    env: dict[str, str],
-    log_path: Path,
-    startup_timeout_s: float = 300,
-) -> Iterator[PeakRss]:
-    """Start ``cmd`` in its own process group, wait for ``health_url``, stop the group after.
-
-    Yields the :class:`PeakRss` watching the process tree. A failed start raises
-    ``RuntimeError`` with the tail of the server's log.
-    """
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        with PeakRss(proc.pid) as rss:
-            try:
-                wait_healthy(
-                    health_url, timeout_s=startup_timeout_s, alive=lambda: proc.poll() is None
-                )
-            except RuntimeError as err:
-                raise RuntimeError(f"{err}; log tail:\n{tail(log_path)}") from None
-            try:
-                yield rss
-            except Exception:
-                print(f"{cmd[0]} log tail:\n{tail(log_path)}", file=sys.stderr)
-                raise
-            rss.sample()
-    finally:
-        stop_process_group(proc)
-
-
-def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the group ``proc`` leads, SIGKILL it after 20 s."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except FileNotFoundError:
-        return "(no log)"
 
 
 # --------------------------------------------------------------------------- load generation

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _shared import hub_server  # noqa: E402
 from log_checkpoint import (  # noqa: E402
     Sample,
     bench_arguments,
@@ -39,8 +39,6 @@ from log_checkpoint import (  # noqa: E402
     print_table,
     run_child,
 )
-
-from integration.hub_server import LocalHub, hf_client_env  # noqa: E402
 
 REPO = "bench/llama"
 
@@ -90,10 +88,10 @@ print(json.dumps({"op_s": time.perf_counter() - start}))
 def main() -> None:
     args = bench_arguments(__doc__ or "")
     checkpoint = build_checkpoint(args.workdir, args.size_gb)
-    hub = LocalHub()
+    hub = hub_server.LocalHub()
     hub.add_repo_from_dir(REPO, checkpoint)
     with hub.serve():
-        env = {**os.environ, **hf_client_env(hub.endpoint, args.workdir / "hf-cache")}
+        env = {**os.environ, **hub_server.hf_client_env(hub.endpoint, args.workdir / "hf-cache")}
         env["PYTHONPATH"] = str(ROOT)
         cached = _warm_cache(env)
         results: dict[str, list[Sample]] = {"cp (d)": [], **{name: [] for name in PERSISTERS}}

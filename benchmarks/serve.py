@@ -61,14 +61,12 @@ from _serving import (  # noqa: E402
     Reply,
     Sender,
     drive,
-    free_port,
     invocations_sender,
     listening_pid,
     openai_sender,
-    server_process,
     ttft_p50,
-    wait_healthy,
 )
+from _shared import servers  # noqa: E402
 from log_checkpoint import run_child  # noqa: E402
 
 NEW_TOKENS = 32
@@ -346,19 +344,25 @@ def bench_tfx(bench: Bench, result: ServerResult) -> None:
     result.peak_rss_mb = rss.peak_mb
 
 
+@contextmanager
+def watched(server: Any) -> Iterator[tuple[str, PeakRss]]:
+    """Enter a ``servers`` context manager; yield (base URL, peak RSS of its process tree)."""
+    with server as running, PeakRss(running.proc.pid) as rss:
+        yield running.url, rss
+        rss.sample()
+
+
 def bench_mlflow(bench: Bench, result: ServerResult) -> None:
     uri = log_model("mlflow", bench.checkpoint, bench.env)
-    port = free_port()
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local"]
-    # -t: its 60 s default answers 504 to requests queued behind a busy model.
-    cmd += ["-h", "127.0.0.1", "-p", str(port), "-t", "900"]
-    log = bench.run_dir / "mlflow-serve.log"
-    with server_process(
-        cmd, health_url=f"http://127.0.0.1:{port}/ping", env=bench.env, log_path=log
-    ) as rss:
-        send = invocations_sender(
-            f"http://127.0.0.1:{port}/invocations", max_tokens=NEW_TOKENS, extra={}
-        )
+    serving = servers.models_serve(
+        uri,
+        log=bench.run_dir / "mlflow-serve.log",
+        env=bench.env,
+        extra_args=["-t", "900"],  # its 60 s default fails queued requests with a 504
+        startup_timeout_s=300,
+    )
+    with watched(serving) as (url, rss):
+        send = invocations_sender(f"{url}/invocations", max_tokens=NEW_TOKENS, extra={})
         result.levels = measure_levels(bench, result, send, None)
     result.peak_rss_mb = rss.peak_mb
     result.notes.append(
@@ -368,22 +372,29 @@ def bench_mlflow(bench: Bench, result: ServerResult) -> None:
 
 
 def bench_transformers(bench: Bench, result: ServerResult, *, continuous: bool) -> None:
-    port = free_port()
+    port = servers.free_port()
     model = str(bench.checkpoint)  # a local path; requests must name it (or nothing)
     cmd = [str(BIN / "transformers"), "serve", model, "--device", "cpu"]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     if continuous:
         cmd += ["--continuous-batching", "--cb-num-blocks", str(bench.cb_num_blocks)]
     log = bench.run_dir / f"transformers-serve{'-cb' if continuous else ''}.log"
-    with server_process(
-        cmd, health_url=f"http://127.0.0.1:{port}/health", env=bench.env, log_path=log
-    ) as rss:
+    serving = servers.server_process(
+        cmd,
+        port=port,
+        health_path="/health",
+        log=log,
+        env=bench.env,
+        startup_timeout_s=300,
+        stop_timeout_s=20,
+    )
+    with watched(serving) as (url, rss):
         # The request's generation_config replaces the model's; without an eos_token_id in
         # it, continuous batching disables EOS, and min_new_tokens covers the other path.
         generation = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
         extra = {"generation_config": json.dumps({**generation, "do_sample": False})}
         client = {"model": model, "max_tokens": NEW_TOKENS, "extra_body": extra}
-        base_url = f"http://127.0.0.1:{port}/v1"
+        base_url = f"{url}/v1"
         send = openai_sender(base_url, **client)
         result.levels = measure_levels(
             bench, result, send, openai_sender(base_url, stream=True, **client)
@@ -404,7 +415,7 @@ def tfx_deployment(
     try:
         record = _deployment_record(name, env)
         base_url = str(record["url"]).rstrip("/").removesuffix("/v1")
-        wait_healthy(f"{base_url}/health", timeout_s=300)
+        servers.wait_until_ready(f"{base_url}/health", timeout_s=300)
         pid = record.get("pid") or listening_pid(int(base_url.rsplit(":", 1)[1]))
         if pid is None:
             raise RuntimeError(f"no server process found for {record}")

@@ -1,24 +1,24 @@
-"""Local test double of the Hugging Face Hub HTTP API (stdlib only).
+"""Local test double of the Hugging Face Hub HTTP API (stdlib only), on 127.0.0.1.
 
-`LocalHub` keeps model/dataset/space repos in memory (small files) or as references to files on
-disk (large files, streamed in chunks, never read whole by the server) and serves the subset of
-the Hub HTTP API that ``huggingface_hub`` 2.x and ``transformers`` 5.x use to *read* repos:
+`LocalHub` keeps model and dataset repos in memory (small files) or as references to files on
+disk (large files, streamed in chunks, never read whole) and serves what ``huggingface_hub``
+2.x and ``transformers`` 5.x use to *read* repos, and what the tests and benchmarks exercise:
 
-* ``GET /api/{models|datasets|spaces}/{repo_id}[/revision/{rev}]`` (``blobs=true``, ``expand``)
+* ``GET /api/{models|datasets}/{repo_id}[/revision/{rev}]`` (``blobs=true``, ``expand``)
 * ``GET /api/.../{repo_id}/tree/{rev}[/{path}]`` (``recursive``, ``expand``; Link-header
-  pagination when ``LocalHub(tree_page_size=N)``)
-* ``POST /api/.../{repo_id}/paths-info/{rev}`` and ``GET /api/.../{repo_id}/refs``
-* ``HEAD|GET /[datasets/|spaces/]{repo_id}/resolve/{rev}/{path}`` (``Range: bytes=...`` -> 206)
-* ``GET /api/whoami-v2`` -> 401 and ``GET /api/agent-harnesses`` -> empty registry
-* ``/_testhub/...`` control plane (request log, faults, add repo) for a hub in a subprocess.
+  pagination when ``hub.tree_page_size`` is set)
+* ``HEAD|GET /[datasets/]{repo_id}/resolve/{rev}/{path}`` (``Range: bytes=...`` -> 206)
+* ``GET /api/whoami-v2`` -> 401
+* ``/_testhub/...``: the request log and fault rules of a hub in a child process.
 
 Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) and a
 JSON ``{"error": ...}`` body, which ``huggingface_hub.utils.hf_raise_for_status`` maps to
 ``RepositoryNotFoundError`` / ``RevisionNotFoundError`` / ``RemoteEntryNotFoundError``. A missing
 file also carries ``X-Repo-Commit`` so ``huggingface_hub`` caches the miss under ``.no_exist/``.
-Xet is never advertised, so every download goes through plain HTTP (``http_get``).
+Xet is never advertised, so every download goes through plain HTTP. Faults (`Faults`) delay,
+fail, cut or corrupt matching requests.
 
-Usage in-process (the server runs in a daemon thread of the test process)::
+In-process (the server runs in a daemon thread)::
 
     hub = LocalHub()
     sha = hub.add_repo_from_dir("org/tiny-gpt2", model_dir)  # or add_repo("org/x", {"a": b".."})
@@ -27,64 +27,36 @@ Usage in-process (the server runs in a daemon thread of the test process)::
         subprocess.run([sys.executable, "-c", code], env=env, check=True)
         assert hub.downloads("org/tiny-gpt2") == ["config.json", ...]
 
-Usage as a separate process (e.g. to kill it mid-download)::
+In a child process (to kill it mid-download)::
 
     with spawn_hub_process({"org/tiny-gpt2": model_dir}) as proc:  # HubProcess
-        proc.set_faults({"path_glob": "*.safetensors", "status_code": 500, "times": 1})
+        proc.set_faults({"scope": "api", "status_code": 503, "times": 1})
         ...  # HF_ENDPOINT=proc.endpoint; proc.requests(); proc.kill()
 
-    # or by hand:  python -m integration.hub_server --repo org/name=/dir [--repo org/b@dev=/d2]
-    #                  --port 0 --port-file FILE [--request-log FILE.jsonl]
+    # or by hand:  python -m integration.hub_server --repo org/name[@branch]=/dir
+    #                  [--port 0] [--port-file FILE]
     # prints the port on stdout, writes it to FILE, serves until SIGTERM/SIGINT.
 
-Pointing huggingface_hub / transformers at it
----------------------------------------------
-``huggingface_hub.constants`` reads ``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_HOME``,
-``HF_HUB_OFFLINE``, ``HF_HUB_DISABLE_TELEMETRY`` ... once, at import time, and derives
-``HUGGINGFACE_CO_URL_TEMPLATE`` (used by ``hf_hub_url``) from ``ENDPOINT``. Setting
-``os.environ`` after ``huggingface_hub`` is imported does nothing. Two ways work reliably:
+Pointing huggingface_hub / transformers at it: ``huggingface_hub.constants`` reads
+``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_HOME``, ``HF_HUB_OFFLINE`` ... once, at import time, so
+setting ``os.environ`` later does nothing. Either run the client in a child process with
+``env=hub.client_env(cache_dir)`` (`hf_client_env`: endpoint, cache, a private ``HF_HOME``, no
+token, telemetry and Xet off), or patch this process with ``patch_hf_client(endpoint,
+cache_dir)``, which sets the constants (``ENDPOINT`` *and* ``HUGGINGFACE_CO_URL_TEMPLATE``), the
+module-level ``HfApi``'s endpoint and transformers' cached ``HfApi``, and restores them on exit.
+Telemetry stays off in both: otherwise a process's first request asks
+``{ENDPOINT}/api/agent-harnesses`` for its user agent.
 
-1. **Subprocess (preferred, no global state)**: run the client code with
-   ``env=hub.client_env(cache_dir)`` (or ``hf_client_env(endpoint, cache_dir)``). It sets
-   ``HF_ENDPOINT``, ``HF_HUB_CACHE``, a private ``HF_HOME`` (no user token, no shared registry
-   caches), ``HF_HUB_OFFLINE=0``, ``HF_HUB_DISABLE_TELEMETRY=1`` (see below),
-   ``HF_HUB_DISABLE_IMPLICIT_TOKEN=1``, ``HF_HUB_DISABLE_XET=1``, progress bars off,
-   ``NO_PROXY`` for 127.0.0.1, and drops ``HF_TOKEN`` / ``TRANSFORMERS_OFFLINE``.
-2. **In-process**: ``with patch_hf_client(hub.endpoint, cache_dir): ...``. It sets *all* of:
-   ``huggingface_hub.constants.ENDPOINT`` **and** ``HUGGINGFACE_CO_URL_TEMPLATE`` (patching
-   ``ENDPOINT`` alone leaves ``hf_hub_download`` building ``https://huggingface.co/...`` URLs),
-   ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=False``, ``HF_HUB_DISABLE_TELEMETRY=True``, the
-   ``HF_HOME``-derived paths (``HF_TOKEN_PATH``, ``AGENT_HARNESSES_PATH``, ...), and
-   ``huggingface_hub.hf_api.api.endpoint`` (module-level ``huggingface_hub.model_info``,
-   ``list_repo_tree``, ... are bound to an ``HfApi()`` made at import); it also resets
-   ``transformers.utils.hub._hf_api = None`` (transformers caches one ``HfApi`` whose endpoint
-   is frozen at first use) and mirrors the variables in ``os.environ`` for child processes.
-   Everything is restored on exit. ``HfApi(endpoint=...)`` and
-   ``hf_hub_download(..., endpoint=...)`` work without patching, but transformers never passes
-   ``endpoint=`` and the telemetry point below still applies.
+huggingface_hub 2.4 against this server (``test_hub_server.py`` checks each):
 
-Telemetry matters: unless ``HF_HUB_DISABLE_TELEMETRY`` is set, the first request of a process
-builds a user agent through ``detect_agent()``, which GETs ``{ENDPOINT}/api/agent-harnesses``
-(cached under ``HF_HOME``). With the endpoint patched that hits this server (empty registry);
-with a stale ``ENDPOINT`` it would try huggingface.co.
-
-huggingface_hub 2.4 behaviour observed against this server (see test_hub_server.py)
------------------------------------------------------------------------------------
-* Dropped connection mid-body (``drop_after_bytes``): ``http_get`` catches
-  ``RemoteProtocolError``, sleeps 1 s and retries (up to 5 times without progress); the file ends
-  up byte-identical. It reads with ``iter_bytes(chunk_size=10 MiB)``, so only whole 10 MiB chunks
-  count as progress: a drop inside the first 10 MiB restarts from byte 0 (no Range header), a
-  later drop resumes with ``Range: bytes=<k * 10 MiB>-`` (206).
-* Corrupt bytes (``corrupt``): NOT detected. Plain-HTTP downloads only check the size; the blob
-  is stored under the (true) etag name with wrong content. Verify sha256 yourself
-  (``sha256(file) == etag`` for LFS files); ``force_download=True`` re-fetches.
-* HTTP 500 on ``HEAD /resolve``: the first HEAD is made without retry; with no cached copy
-  ``hf_hub_download`` retries it with backoff (sleeps 1, 2, 4, 8, 8 s; 7 HEADs in all), so a
-  transient 500 (``times=1``) succeeds at once and a persistent one ends, after ~23 s, as
-  ``LocalEntryNotFoundError`` (caused by ``HfHubHTTPError``). HTTP 500 on ``GET /resolve`` (the
-  body) is *not* retried (``http_get`` retries only 408/429) and surfaces as ``HfHubHTTPError``
-  (``.response.status_code == 500``). ``HfApi.model_info`` does not retry; ``list_repo_tree``
-  (pagination via ``http_backoff``) retries 5xx with backoff.
+* A connection dropped mid-body is retried after 1 s; only whole 10 MiB chunks count as
+  progress, so a drop inside the first 10 MiB restarts from byte 0 and a later one resumes
+  with ``Range: bytes=<k * 10 MiB>-`` (206).
+* Corrupt bytes are NOT detected: plain-HTTP downloads check only the size. Verify the sha256
+  yourself (it is the etag of an LFS file).
+* HTTP 500 on ``HEAD /resolve`` is retried with backoff (1, 2, 4, 8, 8 s; 7 HEADs), then
+  ``LocalEntryNotFoundError``; HTTP 500 on ``GET /resolve`` is not retried (``HfHubHTTPError``);
+  ``HfApi.model_info`` does not retry.
 """
 
 from __future__ import annotations
@@ -106,9 +78,9 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
@@ -117,10 +89,9 @@ HOST = "127.0.0.1"
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 LFS_THRESHOLD_BYTES = 10 * 1024 * 1024
 """Files larger than this are LFS (and, when given as a Path, streamed from disk at serve time)."""
-DEFAULT_CHUNK_SIZE = 64 * 1024
+CHUNK_SIZE = 64 * 1024
 _HASH_CHUNK = 1024 * 1024
-_REPO_TYPE_BY_PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
-_RESOLVE_PREFIX_BY_TYPE = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+_REPO_TYPE_BY_PLURAL = {"models": "model", "datasets": "dataset"}
 _CONTROL_PREFIX = "/_testhub/"
 _SKIPPED_DIRS = (".git", ".cache")
 _sleep = threading.Event().wait  # never set: a sleep that ignores monkeypatched time.sleep
@@ -259,22 +230,16 @@ class Repo:
     created: datetime
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    hub_tags: list[str] = field(default_factory=list)
     pipeline_tag: str | None = None
-    library_name: str | None = None
 
     @property
     def default_branch(self) -> str:
         return "main" if "main" in self.branches or not self.branches else next(iter(self.branches))
 
     def resolve(self, revision: str | None) -> Commit | None:
-        """Resolve a branch, tag, ``refs/heads|tags/...`` name, sha or unique sha prefix (>= 7)."""
+        """Resolve a branch (``refs/pr/1`` too), a sha or a unique sha prefix (>= 7 chars)."""
         rev = revision or self.default_branch
-        for prefix, table in (("refs/heads/", self.branches), ("refs/tags/", self.tags)):
-            if rev.startswith(prefix) and rev[len(prefix) :] in table:
-                return self.commits[table[rev[len(prefix) :]]]
-        sha = self.branches.get(rev) or self.tags.get(rev)
+        sha = self.branches.get(rev)
         if sha is None and rev in self.commits:
             sha = rev
         if sha is None and len(rev) >= 7 and re.fullmatch(r"[0-9a-f]+", rev):
@@ -312,9 +277,9 @@ class Faults:
     also matches ``/``). A matching rule fires for at most `times` requests (None = unlimited);
     `fired` counts them. Effects: `delay_s` (sleep before answering), `status_code` (answer with
     that status and a JSON error, no X-Error-Code), `drop_after_bytes` (send that many body bytes,
-    then close the connection; fires only when the body is longer), `corrupt` (flip the byte at
-    `corrupt_offset`, default the middle of the file, while headers keep the true ETag; fires only
-    when the served range covers it), `chunk_delay_s` (sleep between body chunks).
+    then close the connection; fires only when the body is longer), `corrupt` (flip the middle
+    byte of the file while headers keep the true ETag; fires only when the served range covers
+    it), `chunk_delay_s` (sleep between body chunks).
     """
 
     path_glob: str = "*"
@@ -323,7 +288,6 @@ class Faults:
     status_code: int | None = None
     drop_after_bytes: int | None = None
     corrupt: bool = False
-    corrupt_offset: int | None = None
     delay_s: float = 0.0
     chunk_delay_s: float = 0.0
     times: int | None = None
@@ -371,7 +335,7 @@ class RequestRecord:
     path: str  # decoded URL path, no query
     query: str
     status: int
-    route: str  # "resolve", "repo_info", "tree", "paths_info", "refs", "whoami", ... or "unknown"
+    route: str  # "resolve", "repo_info", "tree", "whoami" or "unknown"
     repo_id: str | None = None
     revision: str | None = None
     filename: str | None = None  # file path in the repo (resolve) or tree path
@@ -379,7 +343,6 @@ class RequestRecord:
     bytes_sent: int = 0
     dropped: bool = False
     faults: tuple[str, ...] = ()
-    timestamp: float = 0.0
 
 
 @dataclass
@@ -397,32 +360,32 @@ class _Exchange:
 
 
 class _FaultSession:
-    """The rules matching one request; a rule's `times` budget is consumed once per request."""
+    """The fault rule as one request sees it: its `times` budget is spent once per request."""
 
-    def __init__(self, lock: threading.Lock, rules: list[Faults], exchange: _Exchange) -> None:
+    def __init__(self, lock: threading.Lock, rule: Faults | None, exchange: _Exchange) -> None:
         self._lock = lock
-        self._rules = rules
-        self._claimed: list[Faults] = []
+        self._rule = rule  # None when the rule does not match this request
+        self._claimed = False
         self._exchange = exchange
 
     def take(
         self, wanted: Callable[[Faults], bool], label: Callable[[Faults], str]
     ) -> Faults | None:
-        """First matching rule with budget left for which `wanted(rule)` holds, claimed."""
-        for rule in self._rules:
-            if wanted(rule) and self._claim(rule):
-                self._exchange.faults.append(label(rule))
-                return rule
-        return None
+        """The rule, claimed and logged as `label(rule)`, if it has budget and `wanted` holds."""
+        rule = self._rule
+        if rule is None or not wanted(rule) or not self._claim(rule):
+            return None
+        self._exchange.faults.append(label(rule))
+        return rule
 
     def _claim(self, rule: Faults) -> bool:
-        if any(r is rule for r in self._claimed):
+        if self._claimed:
             return True
         with self._lock:
             if rule.times is not None and rule.fired >= rule.times:
                 return False
             rule.fired += 1
-        self._claimed.append(rule)
+        self._claimed = True
         return True
 
 
@@ -434,20 +397,10 @@ class _FaultSession:
 class LocalHub:
     """In-memory Hub with an HTTP front end on 127.0.0.1 (see module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        port: int = 0,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        tree_page_size: int | None = None,
-        request_log: str | Path | None = None,
-    ) -> None:
-        self.chunk_size = chunk_size
-        self.tree_page_size = tree_page_size
-        self.request_log = Path(request_log) if request_log else None
+    def __init__(self, *, port: int = 0) -> None:
+        self.tree_page_size: int | None = None  # entries per /tree page; None: one page
         self.requests: list[RequestRecord] = []
         self._faults = Faults()
-        self._extra_faults: list[Faults] = []
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lock = threading.Lock()
         self._commit_counter = 0
@@ -467,8 +420,6 @@ class LocalHub:
         repo_type: str = "model",
         keep_existing: bool = False,
         pipeline_tag: str | None = None,
-        tags: Iterable[str] | None = None,
-        library_name: str | None = None,
     ) -> str:
         """Commit `files` (the full tree, or merged onto the branch head if `keep_existing`) to
         `branch` of `repo_id` (created if needed) and return the new 40-hex commit sha. Previous
@@ -479,14 +430,12 @@ class LocalHub:
         with self._lock:
             repo = self._get_or_create_repo(repo_id, repo_type)
             repo.pipeline_tag = pipeline_tag or repo.pipeline_tag
-            repo.library_name = library_name or repo.library_name
-            repo.hub_tags = list(tags) if tags is not None else repo.hub_tags
             parent = repo.branches.get(branch) or repo.branches.get(repo.default_branch)
             if keep_existing and parent:
                 blobs = {**repo.commits[parent].files, **blobs}
             self._commit_counter += 1
             sha = _commit_sha(repo, parent, branch, blobs, self._commit_counter)
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             text = message or f"Commit {self._commit_counter} to {branch}"
             repo.commits[sha] = Commit(sha, parent, dict(sorted(blobs.items())), text, now)
             repo.branches[branch] = sha
@@ -496,31 +445,22 @@ class LocalHub:
         """`add_repo` with every file under `directory` (skipping ``.git/`` and ``.cache/``)."""
         return self.add_repo(repo_id, collect_dir_files(Path(directory)), **kwargs)
 
-    def create_branch(self, repo_id: str, branch: str, revision: str = "main", **kw: str) -> str:
-        """Point `branch` (e.g. ``refs/pr/1``) at `revision`; returns the commit sha."""
+    def create_branch(self, repo_id: str, branch: str, revision: str = "main") -> str:
+        """Point `branch` (e.g. ``refs/pr/1``) of a model repo at `revision`; returns the sha."""
         with self._lock:
-            repo = self._repo_or_raise(repo_id, kw.get("repo_type", "model"))
+            repo = self._repo_or_raise(repo_id)
             repo.branches[branch] = self._commit_or_raise(repo, revision).sha
             return repo.branches[branch]
 
-    def create_tag(self, repo_id: str, tag: str, revision: str = "main", **kw: str) -> str:
-        """Create tag `tag` on `revision`; returns the commit sha."""
+    def head(self, repo_id: str, revision: str = "main") -> str:
+        """Commit sha that `revision` of a model repo currently resolves to."""
         with self._lock:
-            repo = self._repo_or_raise(repo_id, kw.get("repo_type", "model"))
-            repo.tags[tag] = self._commit_or_raise(repo, revision).sha
-            return repo.tags[tag]
+            return self._commit_or_raise(self._repo_or_raise(repo_id), revision).sha
 
-    def head(self, repo_id: str, revision: str = "main", *, repo_type: str = "model") -> str:
-        """Commit sha that `revision` currently resolves to."""
-        with self._lock:
-            return self._commit_or_raise(self._repo_or_raise(repo_id, repo_type), revision).sha
-
-    def file_blob(
-        self, repo_id: str, path: str, revision: str = "main", *, repo_type: str = "model"
-    ) -> Blob:
+    def file_blob(self, repo_id: str, path: str, revision: str = "main") -> Blob:
         """The Blob (size, sha256, etag, git oid, LFS flag) of `path` at `revision`."""
         with self._lock:
-            commit = self._commit_or_raise(self._repo_or_raise(repo_id, repo_type), revision)
+            commit = self._commit_or_raise(self._repo_or_raise(repo_id), revision)
         return commit.files[path]
 
     def get_repo(self, repo_type: str, repo_id: str) -> Repo | None:
@@ -528,17 +468,17 @@ class LocalHub:
             return self._repos.get((repo_type, repo_id))
 
     def _get_or_create_repo(self, repo_id: str, repo_type: str) -> Repo:
-        if repo_type not in _RESOLVE_PREFIX_BY_TYPE:
+        if repo_type not in _REPO_TYPE_BY_PLURAL.values():
             raise ValueError(f"unsupported repo_type {repo_type!r}")
         key = (repo_type, repo_id)
         if key not in self._repos:
-            self._repos[key] = Repo(repo_id, repo_type, datetime.now(timezone.utc))
+            self._repos[key] = Repo(repo_id, repo_type, datetime.now(UTC))
         return self._repos[key]
 
-    def _repo_or_raise(self, repo_id: str, repo_type: str) -> Repo:
-        repo = self._repos.get((repo_type, repo_id))
+    def _repo_or_raise(self, repo_id: str) -> Repo:
+        repo = self._repos.get(("model", repo_id))
         if repo is None:
-            raise KeyError(f"no {repo_type} repo {repo_id!r}")
+            raise KeyError(f"no model repo {repo_id!r}")
         return repo
 
     @staticmethod
@@ -552,40 +492,26 @@ class LocalHub:
 
     @property
     def faults(self) -> Faults:
-        """The primary fault rule; mutate its fields directly or use `set_faults`."""
+        """The fault rule; mutate its fields directly or use `set_faults`."""
         return self._faults
 
     def set_faults(self, **changes: Any) -> Faults:
-        """Reset the primary rule (including `fired`), then apply `changes`."""
+        """Reset the rule (including `fired`), then apply `changes`."""
         self._faults.reset()
         return self._faults.update(**changes)
 
-    def add_fault(self, **changes: Any) -> Faults:
-        """Add another rule, evaluated after the primary one; returns it."""
-        rule = Faults().update(**changes)
-        with self._lock:
-            self._extra_faults.append(rule)
-        return rule
-
     def clear_faults(self) -> None:
         self._faults.reset()
-        with self._lock:
-            self._extra_faults.clear()
 
     def _fault_session(self, method: str, exchange: _Exchange, target: str) -> _FaultSession:
-        with self._lock:
-            rules = [self._faults, *self._extra_faults]
-        matching = [r for r in rules if r.matches(method, exchange.route, target)]
-        return _FaultSession(self._lock, matching, exchange)
+        rule = self._faults if self._faults.matches(method, exchange.route, target) else None
+        return _FaultSession(self._lock, rule, exchange)
 
     # ---- request log ---------------------------------------------------------------------------
 
     def _log(self, record: RequestRecord) -> None:
         with self._lock:
             self.requests.append(record)
-            if self.request_log is not None:
-                with self.request_log.open("a", encoding="utf-8") as stream:
-                    stream.write(json.dumps(asdict(record)) + "\n")
 
     def clear_requests(self) -> None:
         with self._lock:
@@ -629,10 +555,6 @@ class LocalHub:
         """``http://127.0.0.1:PORT`` (only while running)."""
         return f"http://{HOST}:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._server is not None
-
     def start(self) -> LocalHub:
         """Bind 127.0.0.1 (port 0 = a free port) and serve from a daemon thread."""
         if self._server is not None:
@@ -667,12 +589,6 @@ class LocalHub:
             yield self
         finally:
             self.stop()
-
-    def __enter__(self) -> LocalHub:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def client_env(
         self,
@@ -788,7 +704,7 @@ class _Route:
 
 
 _REPO_RE = r"(?P<repo>[^/]+(?:/[^/]+)?)"
-_API_RE = rf"^/api/(?P<kind>models|datasets|spaces)/{_REPO_RE}"
+_API_RE = rf"^/api/(?P<kind>models|datasets)/{_REPO_RE}"
 
 
 def _route(name: str, methods: str, pattern: str, handler: str) -> _Route:
@@ -797,26 +713,20 @@ def _route(name: str, methods: str, pattern: str, handler: str) -> _Route:
 
 ROUTES: tuple[_Route, ...] = (
     _route("whoami", "GET", r"^/api/whoami(?:-v2)?$", "_route_whoami"),
-    _route("agent_harnesses", "GET", r"^/api/agent-harnesses$", "_route_agent_harnesses"),
     _route("repo_info", "GET", _API_RE + r"/revision/(?P<rev>[^/]+)$", "_route_repo_info"),
     _route("tree", "GET", _API_RE + r"/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$", "_route_tree"),
-    _route("paths_info", "POST", _API_RE + r"/paths-info/(?P<rev>[^/]+)$", "_route_paths_info"),
-    _route("refs", "GET", _API_RE + r"/refs$", "_route_refs"),
     _route("repo_info", "GET", _API_RE + r"$", "_route_repo_info"),
     _route(
         "resolve",
         "GET HEAD",
-        r"^/(?:(?P<kind>datasets|spaces)/)?" + _REPO_RE + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)$",
+        r"^/(?:(?P<kind>datasets)/)?" + _REPO_RE + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)$",
         "_route_resolve",
     ),
 )
 
 CONTROL_ROUTES: dict[tuple[str, str], str] = {
     ("GET", "requests"): "_control_get_requests",
-    ("DELETE", "requests"): "_control_clear_requests",
     ("POST", "faults"): "_control_set_faults",
-    ("DELETE", "faults"): "_control_clear_faults",
-    ("POST", "repos"): "_control_add_repo",
 }
 
 
@@ -854,7 +764,7 @@ class _HubHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._dispatch()
 
-    do_HEAD = do_POST = do_DELETE = do_GET
+    do_HEAD = do_POST = do_GET
 
     # ---- dispatch ------------------------------------------------------------------------------
 
@@ -929,8 +839,6 @@ class _HubHandler(BaseHTTPRequestHandler):
         args: dict[str, Any] = {"repo": repo}
         if "path" in groups:
             args["path"] = self._x.filename or ""
-        if self._x.route == "refs":
-            return args
         revision = self._x.revision
         commit = repo.resolve(revision)
         if commit is None:
@@ -957,7 +865,6 @@ class _HubHandler(BaseHTTPRequestHandler):
             bytes_sent=x.bytes_sent,
             dropped=x.dropped,
             faults=tuple(x.faults),
-            timestamp=time.time(),
         )
 
     # ---- responses -----------------------------------------------------------------------------
@@ -991,16 +898,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         message = "Invalid credentials in Authorization header"
         self._send_error(401, message)
 
-    def _route_agent_harnesses(self) -> None:
-        self._send_json(200, {"standardEnvVars": [], "harnesses": {}})
-
     def _route_repo_info(self, repo: Repo, commit: Commit) -> None:
         blobs = _truthy(self._query.get("blobs", [""])[-1])
         expand = self._query.get("expand", []) + self._query.get("expand[]", [])
         self._send_json(200, repo_info_payload(repo, commit, blobs=blobs, expand=expand))
-
-    def _route_refs(self, repo: Repo) -> None:
-        self._send_json(200, refs_payload(repo))
 
     def _route_tree(self, repo: Repo, commit: Commit, path: str = "") -> None:
         recursive = _truthy(self._query.get("recursive", [""])[-1])
@@ -1026,16 +927,6 @@ class _HubHandler(BaseHTTPRequestHandler):
         split = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in self._query.items()} | {"cursor": str(cursor)}
         return f"http://{HOST}:{self.server.server_address[1]}{split.path}?{urllib.parse.urlencode(query)}"
-
-    def _route_paths_info(self, repo: Repo, commit: Commit) -> None:
-        form = urllib.parse.parse_qs(self._body.decode(), keep_blank_values=True)
-        if not form and self._body.startswith(b"{"):
-            form = {k: v if isinstance(v, list) else [v] for k, v in json.loads(self._body).items()}
-        expand = _truthy(str((form.get("expand") or [""])[-1]))
-        wanted = [p.strip("/") for p in form.get("paths", [])]
-        dirs = commit.directories()
-        found = [p for p in wanted if p in commit.files or p in dirs]
-        self._send_json(200, [tree_entry(repo, commit, p, expand=expand) for p in found])
 
     def _route_resolve(self, repo: Repo, commit: Commit, path: str) -> None:
         blob = commit.files.get(path)
@@ -1088,7 +979,7 @@ class _HubHandler(BaseHTTPRequestHandler):
                 self._drop_connection()
                 return
             limit = length - sent if drop_at is None else drop_at - sent
-            chunk = stream.read(min(self.hub.chunk_size, limit))
+            chunk = stream.read(min(CHUNK_SIZE, limit))
             if not chunk:
                 raise SourceChangedError(f"content ended after {start + sent} bytes")
             self.wfile.write(_flip_byte(chunk, flip_at - sent) if flip_at is not None else chunk)
@@ -1107,15 +998,12 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     def _planned_corruption(self, blob: Blob, start: int, length: int) -> int | None:
         """Relative offset of the byte to flip, if a corrupt fault fires for this response."""
-
-        def offset(rule: Faults) -> int:
-            return blob.size // 2 if rule.corrupt_offset is None else rule.corrupt_offset
-
+        middle = blob.size // 2
         rule = self._faults.take(
-            lambda r: r.corrupt and start <= offset(r) < start + length,
-            lambda r: f"corrupt:{offset(r)}",
+            lambda r: r.corrupt and start <= middle < start + length,
+            lambda r: f"corrupt:{middle}",
         )
-        return offset(rule) - start if rule is not None else None
+        return middle - start if rule is not None else None
 
     def _drop_connection(self) -> None:
         self._x.dropped = True
@@ -1137,30 +1025,12 @@ class _HubHandler(BaseHTTPRequestHandler):
             records = [asdict(r) for r in self.hub.requests]
         self._send_json(200, records)
 
-    def _control_clear_requests(self) -> None:
-        self.hub.clear_requests()
-        self._send_json(200, {"ok": True})
-
     def _control_set_faults(self) -> None:
-        rules = json.loads(self._body or b"[]")
-        rules = [rules] if isinstance(rules, dict) else rules
         try:
-            self.hub.clear_faults()
-            for i, rule in enumerate(rules):
-                (self.hub.set_faults if i == 0 else self.hub.add_fault)(**rule)
+            self.hub.set_faults(**json.loads(self._body or b"{}"))
         except TypeError as err:
             raise _HttpError(400, str(err)) from err
-        self._send_json(200, {"ok": True, "rules": len(rules)})
-
-    def _control_clear_faults(self) -> None:
-        self.hub.clear_faults()
         self._send_json(200, {"ok": True})
-
-    def _control_add_repo(self) -> None:
-        spec = json.loads(self._body or b"{}")
-        directory = spec.pop("directory")
-        sha = self.hub.add_repo_from_dir(spec.pop("repo_id"), directory, **spec)
-        self._send_json(200, {"sha": sha})
 
 
 def _flip_byte(chunk: bytes, index: int) -> bytes:
@@ -1211,7 +1081,7 @@ def repo_info_payload(
         "gated": False,
         "downloads": 0,
         "likes": 0,
-        "tags": list(repo.hub_tags),
+        "tags": [],
         "siblings": [sibling_payload(p, b, blobs=blobs) for p, b in commit.files.items()],
         "usedStorage": sum(b.size for b in commit.files.values()),
     }
@@ -1227,8 +1097,6 @@ def _model_extras(repo: Repo, commit: Commit) -> dict[str, Any]:
     extras: dict[str, Any] = {}
     if repo.pipeline_tag:
         extras["pipeline_tag"] = repo.pipeline_tag
-    if repo.library_name:
-        extras["library_name"] = repo.library_name
     config_blob = commit.files.get("config.json")
     if config_blob is not None and config_blob.data is not None:
         with contextlib.suppress(ValueError):
@@ -1265,27 +1133,6 @@ def tree_payload(
     if not recursive:
         paths = [p for p in paths if "/" not in p[len(prefix) :]]
     return [tree_entry(repo, commit, p, expand=expand) for p in paths]
-
-
-def refs_payload(repo: Repo) -> dict[str, Any]:
-    def refs(table: Mapping[str, str], kind: str, exclude_pr: bool) -> list[dict[str, str]]:
-        return [
-            {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": sha}
-            for name, sha in table.items()
-            if not (exclude_pr and name.startswith("refs/pr/"))
-        ]
-
-    prs = [
-        {"name": n, "ref": n, "targetCommit": s}
-        for n, s in repo.branches.items()
-        if n.startswith("refs/pr/")
-    ]
-    return {
-        "branches": refs(repo.branches, "heads", exclude_pr=True),
-        "tags": refs(repo.tags, "tags", exclude_pr=False),
-        "converts": [],
-        "pullRequests": prs,
-    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1429,19 +1276,9 @@ class HubProcess:
         """The child's request log, as dicts with RequestRecord's fields."""
         return _control(self.endpoint, "GET", "requests")
 
-    def clear_requests(self) -> None:
-        _control(self.endpoint, "DELETE", "requests")
-
-    def set_faults(self, *rules: Mapping[str, Any]) -> None:
-        """Replace all fault rules (each a dict of Faults fields)."""
-        _control(self.endpoint, "POST", "faults", [dict(r) for r in rules])
-
-    def clear_faults(self) -> None:
-        _control(self.endpoint, "DELETE", "faults")
-
-    def add_repo_from_dir(self, repo_id: str, directory: str | Path, **kwargs: Any) -> str:
-        payload = {"repo_id": repo_id, "directory": str(directory), **kwargs}
-        return _control(self.endpoint, "POST", "repos", payload)["sha"]
+    def set_faults(self, rule: Mapping[str, Any]) -> None:
+        """Replace the child's fault rule (a dict of `Faults` fields)."""
+        _control(self.endpoint, "POST", "faults", dict(rule))
 
     def kill(self) -> None:
         """SIGKILL the child (simulates the Hub vanishing) and reap it."""
@@ -1461,10 +1298,7 @@ class HubProcess:
 
 @contextlib.contextmanager
 def spawn_hub_process(
-    repos: Mapping[str, str | Path],
-    *,
-    extra_args: Iterable[str] = (),
-    startup_timeout: float = 30.0,
+    repos: Mapping[str, str | Path], *, startup_timeout: float = 30.0
 ) -> Iterator[HubProcess]:
     """Run ``hub_server.py --repo ID=DIR ...`` in a child process; stopped on exit.
 
@@ -1473,7 +1307,7 @@ def spawn_hub_process(
     with tempfile.TemporaryDirectory(prefix="localhub-") as tmp:
         port_file, log_file = Path(tmp, "port"), Path(tmp, "stderr.log")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--port", "0"]
-        cmd += ["--port-file", str(port_file), *extra_args]
+        cmd += ["--port-file", str(port_file)]
         for repo_id, directory in repos.items():
             cmd += ["--repo", f"{repo_id}={directory}"]
         with log_file.open("wb") as stderr:
@@ -1515,8 +1349,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     parser.add_argument("--port-file", type=Path, help="write the bound port here (atomically)")
-    parser.add_argument("--request-log", type=Path, help="append one JSON line per request")
-    parser.add_argument("--tree-page-size", type=int, default=None)
     return parser.parse_args(argv)
 
 
@@ -1529,7 +1361,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Serve the given repos until SIGTERM/SIGINT; print the port on stdout."""
     args = _parse_args(argv)
-    hub = LocalHub(port=args.port, request_log=args.request_log, tree_page_size=args.tree_page_size)
+    hub = LocalHub(port=args.port)
     for spec in args.repo:
         repo, _, directory = spec.partition("=")
         repo_id, _, branch = repo.partition("@")

@@ -25,6 +25,7 @@ import pytest
 import requests
 
 import mlflow_tfx_plugin as tfx
+from integration import servers
 from mlflow_tfx_plugin.deployments import TfxDeploymentClient
 from mlflow_tfx_plugin.deployments.config import valid_keys
 from mlflow_tfx_plugin.deployments.process import free_port
@@ -299,16 +300,12 @@ def test_run_local_stops_cleanly_on_sigint(env: dict[str, str], state_dir: Path)
         proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     children: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
+        servers.wait_until_ready(
+            f"http://127.0.0.1:{port}/health",
+            timeout_s=300,
+            exited=lambda: proc.poll() is not None,
+            describe=lambda: servers.tail(log),
+        )
         children = psutil.Process(proc.pid).children(recursive=True)
         reply = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT_BODY)
         assert reply.status_code == 200, reply.text

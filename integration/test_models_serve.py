@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from mlflow_tfx_plugin.deployments.process import free_port
+from integration import servers
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +30,8 @@ def served_url(gpt2_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     target = tmp_path_factory.mktemp("saved") / "model"
     tfx.save_model(gpt2_checkpoint, target, model_config={"max_new_tokens": 3, "do_sample": False})
-    with _serve(target) as url:
-        yield url
+    with servers.models_serve(target, log=target.parent / "serve.log") as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -46,48 +42,8 @@ def served_chat_url(
 
     target = tmp_path_factory.mktemp("saved-chat") / "model"
     tfx.save_model(gpt2_checkpoint, target, task="llm/v1/chat", model_config={"max_tokens": 4})
-    with _serve(target) as url:
-        yield url
-
-
-@contextlib.contextmanager
-def _serve(model_path: Path) -> Iterator[str]:
-    """``mlflow models serve`` on 127.0.0.1 for the duration of the block."""
-    port = free_port()
-    # mlflow models serve execs a bare `uvicorn`: the interpreter's bin dir must be on PATH
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_path)]
-    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_ready(url, proc)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _wait_until_ready(url: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"mlflow models serve exited early:\n{proc.stdout.read() if proc.stdout else ''}"
-            )
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("mlflow models serve did not become ready")
+    with servers.models_serve(target, log=target.parent / "serve.log") as server:
+        yield server.url
 
 
 def test_serve_predicts_text(served_url: str):

@@ -12,11 +12,7 @@ import base64
 import contextlib
 import io
 import json
-import os
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +25,7 @@ import requests
 import soundfile
 
 import mlflow_tfx_plugin as tfx
-from mlflow_tfx_plugin.deployments.process import free_port
+from integration import servers
 
 pytestmark = pytest.mark.integration
 
@@ -84,61 +80,25 @@ def vit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, bytes]:
 @contextlib.contextmanager
 def _mlflow_serve(model_path: Path) -> Iterator[str]:
     """``mlflow models serve`` on 127.0.0.1 for the duration of the block."""
-    port = free_port()
-    # mlflow models serve execs a bare `uvicorn`: the interpreter's bin dir must be on PATH
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_path)]
-    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(f"{url}/ping", proc)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    log = model_path.parent / "models-serve.log"
+    with servers.models_serve(model_path, log=log) as server:
+        yield server.url
 
 
 @contextlib.contextmanager
 def _tfx_serve(model_path: Path) -> Iterator[str]:
     """The tfx target's server app, in this process (cheaper than a server process)."""
-    import uvicorn
-
     from mlflow_tfx_plugin.deployments.config import DeploymentConfig
     from mlflow_tfx_plugin.deployments.server import create_app
     from mlflow_tfx_plugin.deployments.service import LoadOptions, load_served_model
 
-    port = free_port()
-    served = load_served_model("media", model_path, LoadOptions(max_batch_size=4))
+    port = servers.free_port()
+    served = load_served_model(
+        "media", model_path, LoadOptions.from_config(DeploymentConfig(max_batch_size=4))
+    )
     app = create_app("media", DeploymentConfig(port=port), served=served)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(f"{url}/health", None)
+    with servers.uvicorn_in_thread(app, port=port) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-def _wait(url: str, proc: subprocess.Popen[str] | None, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{proc.stdout.read() if proc.stdout else ''}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not become ready")
 
 
 def _post(url: str, body: dict[str, Any]) -> Any:

@@ -13,11 +13,7 @@ import contextlib
 import copy
 import json
 import math
-import os
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +22,7 @@ from typing import Any
 import pytest
 import requests
 
-from mlflow_tfx_plugin.deployments.process import free_port
+from integration import servers
 
 pytestmark = pytest.mark.integration
 
@@ -200,66 +196,20 @@ def _assert_close(actual: Any, expected: Any) -> None:
 @contextlib.contextmanager
 def _models_serve(model_path: Path) -> Iterator[str]:
     """``mlflow models serve`` on 127.0.0.1 for the duration of the block."""
-    port = free_port()
-    # mlflow models serve execs a bare `uvicorn`: the interpreter's bin dir must be on PATH
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": path}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_path)]
-    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "-w", "1"]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_ready(
-            f"{url}/ping", proc.poll, lambda: proc.stdout.read() if proc.stdout else ""
-        )
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    log = model_path.parent / "models-serve.log"
+    with servers.models_serve(model_path, log=log, extra_args=["-w", "1"]) as server:
+        yield server.url
 
 
 @contextlib.contextmanager
 def _tfx_target(model_dir: Path) -> Iterator[str]:
     """The ``tfx`` deployment target's app, served by uvicorn in a thread of this process."""
-    import uvicorn
-
     from mlflow_tfx_plugin.deployments.config import DeploymentConfig
     from mlflow_tfx_plugin.deployments.server import create_app
 
-    port = free_port()
+    port = servers.free_port()
     app = create_app(
         "parity", DeploymentConfig(port=port), model_dir=model_dir, listen_after_load=True
     )
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_ready(
-            f"{url}/health",
-            lambda: None if thread.is_alive() else 1,
-            lambda: "uvicorn thread ended",
-        )
+    with servers.uvicorn_in_thread(app, port=port) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-def _wait_until_ready(
-    url: str, exited: Callable[[], int | None], log: Callable[[], str], timeout: float = 120
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if exited() is not None:
-            raise RuntimeError(f"the server exited early:\n{log()}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not become ready")

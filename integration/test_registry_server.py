@@ -8,20 +8,18 @@ the client" is emulated by starting the server with ``MLFLOW_TFX_AUTO_PERSIST=fa
 
 from __future__ import annotations
 
+import contextlib
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import pytest
-import requests
 
 import mlflow_tfx_plugin as tfx
+from integration import servers
 from integration.hub_server import LocalHub, hf_client_env, patch_hf_client
-from mlflow_tfx_plugin.deployments.process import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -50,32 +48,21 @@ def client_hub(hub: LocalHub, tmp_path: Path) -> Iterator[LocalHub]:
         yield hub
 
 
-def _start_server(
-    tmp_path: Path, hub: LocalHub, *, auto_persist: bool
-) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
+@contextlib.contextmanager
+def _start_server(tmp_path: Path, hub: LocalHub, *, auto_persist: bool) -> Iterator[str]:
+    """``mlflow server`` (sqlite, proxied artifacts) with its own HF cache; yields its URL."""
     env = {
         **os.environ,
         **hf_client_env(hub.endpoint, tmp_path / "server-cache"),
         "MLFLOW_TFX_AUTO_PERSIST": "true" if auto_persist else "false",
     }
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
-    cmd += ["--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((tmp_path / "server.log").read_text()[-3000:])
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError((tmp_path / "server.log").read_text()[-3000:])
+    with servers.mlflow_server(
+        backend_store_uri=f"sqlite:///{tmp_path / 'server.db'}",
+        artifacts_destination=tmp_path / "server-artifacts",
+        log=tmp_path / "server.log",
+        env=env,
+    ) as server:
+        yield server.url
 
 
 @pytest.fixture(
@@ -87,21 +74,20 @@ def server(
     request: pytest.FixtureRequest, hub: LocalHub, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     tmp_path = tmp_path_factory.mktemp(f"server-{request.param}")
-    proc, url = _start_server(tmp_path, hub, auto_persist=request.param in ("server", "both"))
+    auto_persist = request.param in ("server", "both")
     previous = os.environ.get("MLFLOW_TFX_AUTO_PERSIST")
-    os.environ["MLFLOW_TFX_AUTO_PERSIST"] = "false" if request.param == "server" else "true"
-    mlflow.set_tracking_uri(url)
-    mlflow.set_experiment("registry")
-    try:
-        yield url
-    finally:
-        mlflow.set_tracking_uri(None)
-        if previous is None:
-            os.environ.pop("MLFLOW_TFX_AUTO_PERSIST", None)
-        else:
-            os.environ["MLFLOW_TFX_AUTO_PERSIST"] = previous
-        proc.terminate()
-        proc.wait(timeout=30)
+    with _start_server(tmp_path, hub, auto_persist=auto_persist) as url:
+        os.environ["MLFLOW_TFX_AUTO_PERSIST"] = "false" if request.param == "server" else "true"
+        mlflow.set_tracking_uri(url)
+        mlflow.set_experiment("registry")
+        try:
+            yield url
+        finally:
+            mlflow.set_tracking_uri(None)
+            if previous is None:
+                os.environ.pop("MLFLOW_TFX_AUTO_PERSIST", None)
+            else:
+                os.environ["MLFLOW_TFX_AUTO_PERSIST"] = previous
 
 
 def test_register_persists_reference_before_the_version_exists(

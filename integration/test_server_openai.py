@@ -24,8 +24,9 @@ import pytest
 import requests
 
 import mlflow_tfx_plugin as tfx
+from integration import servers
 from mlflow_tfx_plugin.deployments.config import API_KEY_ENV
-from mlflow_tfx_plugin.deployments.process import free_port, server_environment
+from mlflow_tfx_plugin.deployments.process import server_environment
 
 pytestmark = pytest.mark.integration
 
@@ -51,36 +52,9 @@ class Server:
 @contextlib.contextmanager
 def serve(model_dir: Path, log: Path, name: str = "tiny", **config: object) -> Iterator[Server]:
     """The deployment server on a free port until the block ends (SIGTERM, then SIGKILL)."""
-    port = free_port()
-    config = {"port": port, **config}
     env = {**server_environment(API_KEY, API_KEY_ENV), "HF_HUB_OFFLINE": "1"}  # as the target does
-    cmd = [sys.executable, "-m", "mlflow_tfx_plugin.deployments.listener"]
-    cmd += ["--model-dir", str(model_dir), "--name", name, "--config-json", json.dumps(config)]
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        _wait_ready(server)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_ready(server: Server, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{server.log.read_text()[-4000:]}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"server not ready:\n{server.log.read_text()[-4000:]}")
+    with servers.listener_process(model_dir, name=name, config=config, log=log, env=env) as running:
+        yield Server(running.url, running.proc, running.log)
 
 
 @pytest.fixture(scope="module")

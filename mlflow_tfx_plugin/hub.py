@@ -203,9 +203,9 @@ def verify_files(directory: Path, expected: Iterable[WeightEntry]) -> list[Weigh
         if digest != entry.sha256:
             raise IntegrityError(
                 f"'{entry.path}' has sha256 {digest}, but {entry.sha256} was recorded: the "
-                "download is corrupt or the repo was rewritten. Nothing was persisted; retry, or "
-                "delete the "
-                "file from the HF cache (huggingface-cli delete-cache) first."
+                "download is corrupt or the repo was rewritten. Nothing was persisted; retry, "
+                "after removing the cached copy (`hf cache rm model/<repo_id>`) or fetching it "
+                f"again (`hf download <repo_id> {entry.path} --force-download`)."
             )
         checked.append(WeightEntry(path=entry.path, size=path.stat().st_size, sha256=digest))
     return checked
