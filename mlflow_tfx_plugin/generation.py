@@ -4,6 +4,9 @@ Stop strings use transformers' ``stop_strings`` (matched on decoded text, across
 boundaries), and the returned text is cut before the first stop string, so it never
 contains one. Streaming holds back any tail that could still become a stop string, so
 the joined stream equals the non-streamed text.
+
+A request with ``response_format`` (``params.constraint``) is decoded under its grammar
+(:mod:`mlflow_tfx_plugin.structured`); rows of one batch may each have their own.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.errors import EngineError, InvalidInputError
 from mlflow_tfx_plugin.protocol import DEFAULT_MAX_TOKENS, SAMPLING_EPS, GenerationParams
+
+if TYPE_CHECKING:
+    from mlflow_tfx_plugin.structured import ConstraintSpec, GrammarCompiler, RowControls
 
 FinishReason = Literal["stop", "length"]
 
@@ -88,15 +94,99 @@ class TextGenerator:
         return int(self.tokenizer.model_max_length)
 
     def generate(
-        self, prompts: Sequence[str], params: GenerationParams, *, add_special_tokens: bool = True
+        self,
+        prompts: Sequence[str],
+        params: GenerationParams,
+        *,
+        add_special_tokens: bool = True,
+        constraints: Sequence[ConstraintSpec | None] | None = None,
     ) -> list[PromptResult]:
-        """Generate ``params.n`` choices for every prompt in one batched ``generate`` call."""
+        """Generate ``params.n`` choices for every prompt in one batched ``generate`` call.
+
+        ``constraints`` gives each prompt its own (default: ``params.constraint`` for all).
+        """
         params = runnable_params(params)
+        if constraints is None:
+            constraints = [params.constraint] * len(prompts)
+        grammars = [self.grammar(spec) for spec in constraints]  # a bad schema fails first
         batch, prompt_lengths = self._encode(prompts, add_special_tokens)
         kwargs = self._generate_kwargs(params, max(prompt_lengths))
+        rows = None
+        if any(grammars):
+            per_prompt = 1 if params.greedy else params.n
+            batch, rows = self._controlled(batch, kwargs, params, grammars, per_prompt)
         with self._lock:
             output = self._run(batch, kwargs, params.seed)
+        _raise_row_errors(rows)
         return self._split(output, batch["input_ids"].shape[1], prompt_lengths, params)
+
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Grammars for this model's tokenizer (compiled once per constraint)."""
+        from mlflow_tfx_plugin.structured import GrammarCompiler
+
+        vocab_size = int(self.model.config.get_text_config().vocab_size)
+        return GrammarCompiler(self.tokenizer, vocab_size=max(vocab_size, len(self.tokenizer)))
+
+    def grammar(self, spec: ConstraintSpec | None) -> str | None:
+        """The checked grammar of a constraint (None for none).
+
+        Raises:
+            InvalidInputError: the grammar engine is not installed, or the schema uses a
+                feature it cannot enforce (naming the request field).
+        """
+        return None if spec is None else self.grammars.compile(spec)
+
+    def _controlled(
+        self,
+        batch: Any,
+        kwargs: dict[str, Any],
+        params: GenerationParams,
+        grammars: Sequence[str | None],
+        per_prompt: int,
+    ) -> tuple[Any, list[RowControls | None]]:
+        """Set up a batch with constrained rows: each choice is its own row, decoded by
+        :class:`~mlflow_tfx_plugin.structured.ControlProcessor` (``do_sample=False``)."""
+        from transformers import LogitsProcessorList
+
+        from mlflow_tfx_plugin.structured import ControlProcessor, RowControls
+
+        rows: list[RowControls | None] = []
+        for grammar in grammars:
+            for _ in range(per_prompt):
+                if grammar is None and params.greedy:
+                    rows.append(None)  # transformers' argmax is the same choice
+                    continue
+                matcher = self.grammars.matcher(grammar) if grammar is not None else None
+                rows.append(
+                    RowControls(
+                        matcher=matcher,
+                        temperature=params.temperature if not params.greedy else 0.0,
+                        top_p=params.top_p,
+                        top_k=params.top_k,
+                    )
+                )
+        if per_prompt > 1:  # what num_return_sequences does, with a row per choice
+            batch = {
+                key: value.repeat_interleave(per_prompt, dim=0) for key, value in batch.items()
+            }
+        kwargs.pop("num_return_sequences", None)
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        processor = ControlProcessor(
+            rows, eos_token_id=self._end_token_id, mask_width=self.grammars.vocab_size
+        )
+        kwargs["logits_processor"] = LogitsProcessorList([processor])
+        return batch, rows
+
+    @property
+    def _end_token_id(self) -> int:
+        """The token that ends a sequence whose grammar is complete."""
+        eos = self.tokenizer.eos_token_id
+        return (
+            int(eos)
+            if eos in self.stop_token_ids or not self.stop_token_ids
+            else min(self.stop_token_ids)
+        )
 
     def stream(
         self,
@@ -116,9 +206,13 @@ class TextGenerator:
         params = runnable_params(params)
         if params.n != 1:
             raise InvalidInputError("Streaming supports n=1 only.", param="n")
+        grammar = self.grammar(params.constraint)
         batch, [prompt_length] = self._encode([prompt], add_special_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = {**self._generate_kwargs(params, prompt_length), "streamer": streamer}
+        rows = None
+        if grammar is not None:
+            batch, rows = self._controlled(batch, kwargs, params, [grammar], per_prompt=1)
         if cancel is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([cancel_criterion(cancel)])
         holder: dict[str, Any] = {}
@@ -128,6 +222,7 @@ class TextGenerator:
         thread.join()
         if "error" in holder:
             raise holder["error"]
+        _raise_row_errors(rows)
         [result] = self._split(
             holder["output"], batch["input_ids"].shape[1], [prompt_length], params
         )
@@ -266,6 +361,13 @@ class TextGenerator:
         text, hit_stop = cut_at_stop(text, params.stop)
         finish: FinishReason = "stop" if end is not None or hit_stop else "length"
         return Completion(text=text, finish_reason=finish, completion_tokens=len(generated))
+
+
+def _raise_row_errors(rows: Sequence[RowControls | None] | None) -> None:
+    """A matcher that rejected a token means the output broke its grammar: fail."""
+    errors = [row.error for row in rows or () if row is not None and row.error]
+    if errors:
+        raise EngineError(f"Constrained decoding failed: {errors[0]}")
 
 
 def runnable_params(params: GenerationParams) -> GenerationParams:

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.structured.spec import ConstraintSpec
 
 _logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class GenerationParams:
     seed: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
+    #: ``response_format``: the grammar the output is decoded under (None: free text).
+    constraint: ConstraintSpec | None = None
 
     @property
     def greedy(self) -> bool:
@@ -99,6 +102,37 @@ class ChatMessage(OpenAIModel):
         return {**message, "content": self.text()}
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the output must validate against."""
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, one JSON object, or JSON for a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_for_json_schema(cls, value: Any, info: Any) -> Any:
+        if value is None and info.data.get("type") == "json_schema":
+            raise ValueError("is required when 'type' is 'json_schema' (with 'name' and 'schema')")
+        return value
+
+    def constraint(self) -> ConstraintSpec | None:
+        if self.type == "json_object":
+            return ConstraintSpec.json_object(param="response_format")
+        if self.type == "json_schema" and self.json_schema is not None:
+            param = "response_format.json_schema.schema"
+            return ConstraintSpec.json_schema(self.json_schema.schema_, param=param)
+        return None
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -123,6 +157,7 @@ class _GenerationRequest(OpenAIModel):
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
     user: str | None = None
+    response_format: ResponseFormat | None = None  # a vLLM extension for completions
 
     @field_validator("stop")
     @classmethod
@@ -164,6 +199,7 @@ class _GenerationRequest(OpenAIModel):
             seed=_first(self.seed, defaults.get("seed")),
             repetition_penalty=_first(self.repetition_penalty, defaults.get("repetition_penalty")),
             ignore_eos=self.ignore_eos,
+            constraint=self.response_format.constraint() if self.response_format else None,
         )
 
     @property

@@ -4,8 +4,9 @@ Sequences join and leave the running batch at every decoding step, and the KV ca
 paged and sized from ``max_batch_size`` (never from a share of RAM). A request that
 arrives to an idle engine runs alone (:mod:`.solo`) and hands off to the manager as soon
 as another request arrives. Requests the manager cannot express go to the micro-batching
-engine (:mod:`.micro`). Model work and tokenizing run off the event loop, so ``/health``
-and ``/metrics`` answer under load.
+engine (:mod:`.micro`), and so do constrained requests (``response_format``): the manager
+has no per-request grammar hook yet. Model work and tokenizing run off the event loop, so
+``/health`` and ``/metrics`` answer under load.
 
 If transformers' loop dies, its requests fail and the engine restarts it (a bounded
 number of times per window).
@@ -303,7 +304,11 @@ class ContinuousBatchingEngine:
 
     def _needs_fallback(self, params: GenerationParams) -> bool:
         """Per-request settings this manager cannot apply."""
-        unsupported = params.seed is not None or params.repetition_penalty is not None
+        unsupported = (
+            params.seed is not None
+            or params.repetition_penalty is not None
+            or params.constraint is not None
+        )
         return unsupported or (self.settings.greedy_only and not params.greedy)
 
     def _sampling_kwargs(self, params: GenerationParams) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The micro-batching engine: requests collected for a few milliseconds share one ``generate``.
 
 It serves models transformers' continuous-batching manager cannot run, and requests the
-manager cannot express (``seed``, ``repetition_penalty``). A batch runs one left-padded
-``generate`` per group of equal parameters, and a failing group fails only its requests.
+manager cannot express (``seed``, ``repetition_penalty``, ``response_format``). A batch
+runs one left-padded ``generate`` per group of equal parameters, and a failing group fails
+only its requests. Constrained requests share their group: each row has its own grammar.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from mlflow_tfx_plugin.deployments.batching import MicroBatcher
@@ -75,6 +76,8 @@ class MicroBatchingEngine:
     ) -> PromptResult:
         params = runnable_params(params)
         check_max_tokens(params, self.settings)
+        if params.constraint is not None:  # a bad schema fails here, not its whole batch
+            await asyncio.to_thread(self.generator.grammar, params.constraint)
         return await self._batcher.submit(_GenerationItem(prompt, params, add_special_tokens))
 
     async def stream(
@@ -113,14 +116,16 @@ class MicroBatchingEngine:
         """One ``generate`` per group of equal parameters; a failing group fails alone."""
         groups: dict[tuple[GenerationParams, bool], list[int]] = {}
         for index, item in enumerate(items):
-            groups.setdefault((item.params, item.add_special_tokens), []).append(index)
+            unconstrained = replace(item.params, constraint=None)
+            groups.setdefault((unconstrained, item.add_special_tokens), []).append(index)
         results: list[PromptResult | Exception] = [EngineError("No result.")] * len(items)
         for (params, add_special), indices in groups.items():
             prompts = [items[i].prompt for i in indices]
+            constraints = [items[i].params.constraint for i in indices]
             try:
                 with self.exclusive():
                     generated: Sequence[PromptResult | Exception] = self.generator.generate(
-                        prompts, params, add_special_tokens=add_special
+                        prompts, params, add_special_tokens=add_special, constraints=constraints
                     )
             except Exception as err:
                 if not isinstance(err, InvalidInputError):
