@@ -292,6 +292,22 @@ def test_metrics_count_requests_by_route_and_status(server: Server):
     assert "tfx_completion_tokens_total" in text and "tfx_batch_size_bucket" in text
 
 
+def test_metrics_export_the_engine_counters(server: Server):
+    before = _metric(server.metrics(), "tfx_engine_solo_requests_total")
+    server.client().chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+
+    text = server.metrics()
+    assert _metric(text, "tfx_engine_solo_requests_total") == before + 1  # it ran alone
+    assert _metric(text, "tfx_engine_loop_restarts_total") == 0
+    assert "tfx_engine_handoffs_total" in text
+
+
+def _metric(text: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{name} not exported once in:\n{text}"
+    return values[0]
+
+
 def _requests_total(text: str) -> dict[tuple[str, str], float]:
     counts = {}
     for line in text.splitlines():

@@ -12,11 +12,6 @@ from typing import Any
 from mlflow_tfx_plugin import _compat
 
 PLUGIN_DISTRIBUTION = "mlflow-tfx-plugin"
-_TASK_EXTRAS = {
-    "automatic-speech-recognition": ("soundfile", "scipy"),
-    "audio-classification": ("soundfile", "scipy"),
-    "image-classification": ("pillow",),
-}
 
 
 def get_default_pip_requirements(
@@ -42,7 +37,7 @@ def get_default_pip_requirements(
         packages.append("peft")
     if _uses_sentencepiece(model):
         packages.append("sentencepiece")
-    packages.extend(_TASK_EXTRAS.get(task or "", ()))
+    packages.extend(_task_packages(task))
     return [_plugin_requirement(), *(_pinned(name) for name in packages)]
 
 
@@ -55,6 +50,13 @@ def get_default_conda_env(model: Any = None) -> dict[str, Any]:
         {'pip': ['mlflow==3.17.2', 'mlflow-tfx-plugin==0.1.0', 'transformers==5.24.0', ...]}
     """
     return _compat.mlflow_conda_env(additional_pip_deps=get_default_pip_requirements(model))
+
+
+def _task_packages(task: str | None) -> tuple[str, ...]:
+    from mlflow_tfx_plugin.tasks import ADAPTERS, TASK_ALIASES
+
+    adapter = ADAPTERS.get(TASK_ALIASES.get(task or "", task or ""))
+    return adapter.pip_packages if adapter is not None else ()
 
 
 def _pinned(name: str) -> str:

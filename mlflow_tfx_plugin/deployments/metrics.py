@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -15,6 +15,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from mlflow_tfx_plugin.deployments.payloads import (
     CHAT_ROUTE,
@@ -30,6 +32,14 @@ disable_created_metrics()  # the *_created series only add noise to scrapes
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+#: The generation engine's own counters (attributes of the continuous-batching engine),
+#: exported as ``tfx_engine_<name>_total``.
+ENGINE_COUNTERS = {
+    "solo_requests": "Requests that started alone, through plain generate.",
+    "handoffs": "Lone requests continued in the continuous batch when another one arrived.",
+    "loop_restarts": "Restarts of the continuous-batching loop after it died.",
+}
 
 
 class ServerMetrics:
@@ -85,8 +95,29 @@ class ServerMetrics:
         """Report ``queue_depth()`` at each scrape (0 until this is called)."""
         self._queue_gauge.set_function(queue_depth)
 
+    def watch_engine(self, engine: Callable[[], object | None]) -> None:
+        """Report the counters of ``engine()`` (see :data:`ENGINE_COUNTERS`) at each scrape;
+        an engine without them (micro-batching) reports none."""
+        self.registry.register(_EngineCounters(engine))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCounters(Collector):
+    """Reads the engine's counters when scraped, so the engine keeps plain integers."""
+
+    def __init__(self, engine: Callable[[], object | None]) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        engine = self._engine()
+        for name, documentation in ENGINE_COUNTERS.items():
+            family = CounterMetricFamily(f"tfx_engine_{name}", documentation)
+            value = getattr(engine, name, None)
+            if isinstance(value, int):
+                family.add_metric([], value)
+            yield family
 
 
 class MetricsMiddleware:

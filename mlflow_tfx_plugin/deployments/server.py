@@ -226,6 +226,7 @@ def create_app(
     the app accepts any request."""
     state = ServerState(name=name, config=config, api_key=api_key)
     state.metrics.watch_queue(lambda: state.serving.model.queue_depth if state.serving else 0)
+    state.metrics.watch_engine(lambda: state.serving.model.engine if state.serving else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

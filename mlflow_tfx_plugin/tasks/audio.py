@@ -52,6 +52,7 @@ class SpeechRecognitionAdapter(TaskAdapter):
     call_params: ClassVar[dict[str, str]] = {"max_new_tokens": "long", "chunk_length_s": "double"}
     untyped_params = ("return_timestamps", "stride_length_s")
     needs_tokenizer = False
+    pip_packages = ("soundfile", "scipy")
 
     @classmethod
     def default_signature(cls, model_config: Mapping[str, Any] | None = None) -> ModelSignature:
@@ -88,6 +89,7 @@ class AudioClassificationAdapter(TaskAdapter):
     auto_model_class = "AutoModelForAudioClassification"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long"}
     needs_tokenizer = False
+    pip_packages = ("soundfile", "scipy")
     default_signature = SpeechRecognitionAdapter.default_signature
 
     @classmethod

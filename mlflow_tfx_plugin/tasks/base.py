@@ -107,6 +107,9 @@ class TaskAdapter(ABC):
     untyped_params: ClassVar[tuple[str, ...]] = ()
     #: Whether the model needs a tokenizer (or a processor holding one).
     needs_tokenizer: ClassVar[bool] = True
+    #: Libraries the task needs beyond transformers and torch, added to the default pip
+    #: requirements (audio decoding, images).
+    pip_packages: ClassVar[tuple[str, ...]] = ()
     supports_prompt_template: ClassVar[bool] = False
     #: Params used when running an input example at log time only to infer the output
     #: type: generation is capped so logging a large model stays cheap.

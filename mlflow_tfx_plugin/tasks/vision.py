@@ -34,6 +34,7 @@ class ImageClassificationAdapter(TaskAdapter):
     auto_model_class = "AutoModelForImageClassification"
     call_params: ClassVar[dict[str, str]] = {"top_k": "long"}
     needs_tokenizer = False
+    pip_packages = ("pillow",)
 
     @classmethod
     def output_schema(cls) -> Schema:
