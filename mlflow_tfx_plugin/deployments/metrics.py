@@ -18,15 +18,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from mlflow_tfx_plugin.deployments.payloads import (
-    CHAT_ROUTE,
-    COMPLETIONS_ROUTE,
-    EMBEDDINGS_ROUTE,
-    HEALTH_ROUTE,
-    INVOCATIONS_ROUTE,
-    METRICS_ROUTE,
-    MODELS_ROUTE,
-)
+from mlflow_tfx_plugin.deployments.payloads import ROUTES
 
 disable_created_metrics()  # the *_created series only add noise to scrapes
 
@@ -124,16 +116,6 @@ class MetricsMiddleware:
     """Counts requests by route and status, and times them (a pure ASGI middleware, so
     streaming responses and client disconnects pass through untouched)."""
 
-    _ROUTES = (
-        CHAT_ROUTE,
-        COMPLETIONS_ROUTE,
-        EMBEDDINGS_ROUTE,
-        MODELS_ROUTE,
-        INVOCATIONS_ROUTE,
-        HEALTH_ROUTE,
-        METRICS_ROUTE,
-    )
-
     def __init__(self, app: Any, metrics: ServerMetrics) -> None:
         self.app = app
         self.metrics = metrics
@@ -142,7 +124,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in self._ROUTES else "other"
+        route = scope["path"] if scope["path"] in ROUTES else "other"
         started, status = time.perf_counter(), 500
 
         async def send_and_record(message: Any) -> None:

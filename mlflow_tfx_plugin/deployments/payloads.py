@@ -35,6 +35,16 @@ MODELS_ROUTE = "/v1/models"
 INVOCATIONS_ROUTE = "/invocations"
 HEALTH_ROUTE = "/health"
 METRICS_ROUTE = "/metrics"
+#: Every route the server answers (others are 404s, counted as "other" on /metrics).
+ROUTES = (
+    CHAT_ROUTE,
+    COMPLETIONS_ROUTE,
+    EMBEDDINGS_ROUTE,
+    MODELS_ROUTE,
+    INVOCATIONS_ROUTE,
+    HEALTH_ROUTE,
+    METRICS_ROUTE,
+)
 #: The key that makes a body an OpenAI request, and its route; the first one present wins.
 OPENAI_KEYS = {"messages": CHAT_ROUTE, "prompt": COMPLETIONS_ROUTE, "input": EMBEDDINGS_ROUTE}
 #: The ``mlflow models serve`` payloads: a body holds one of these keys.
