@@ -14,6 +14,7 @@ and counts tokens for the metrics. Failures are raised; the server answers them.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -176,7 +177,11 @@ class ServedModel:
         self.engine = create_generation_engine(generator, settings)
         # A causal LM also embeds: mean-pooled, normalized last hidden states.
         base = getattr(generator.model, "base_model", generator.model)
-        embedder = EmbeddingRunner(base, generator.tokenizer, pooling="mean", normalize=True)
+        # Its own tokenizer: each call of a fast tokenizer first sets the padding and
+        # truncation state it shares with every other caller, and the generation threads
+        # tokenize concurrently (a padded embedding batch came out unpadded under load).
+        tokenizer = copy.deepcopy(generator.tokenizer)
+        embedder = EmbeddingRunner(base, tokenizer, pooling="mean", normalize=True)
         self._serve_embeddings(settings, embedder)
 
     def _serve_embeddings(self, settings: EngineSettings, runner: Any = None) -> None:
