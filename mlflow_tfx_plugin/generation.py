@@ -6,20 +6,30 @@ contains one. Streaming holds back any tail that could still become a stop strin
 the joined stream equals the non-streamed text.
 
 A request with ``response_format`` (``params.constraint``) is decoded under its grammar
-(:mod:`mlflow_tfx_plugin.structured`); rows of one batch may each have their own.
+(:mod:`mlflow_tfx_plugin.structured`); rows of one batch may each have their own. A request
+with ``logprobs`` (``params.logprobs``) gets each returned token's log-probability; a
+stream sends each token's with the text delta that completes the token's text.
 """
 
 from __future__ import annotations
 
 import math
+import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 from mlflow_tfx_plugin.errors import EngineError, InvalidInputError
 from mlflow_tfx_plugin.protocol import DEFAULT_MAX_TOKENS, SAMPLING_EPS, GenerationParams
+from mlflow_tfx_plugin.structured.logprobs import (
+    LogprobRecord,
+    TokenLogprob,
+    TokenTexts,
+    kept_before_cut,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from mlflow_tfx_plugin.structured import ConstraintSpec, GrammarCompiler, RowControls
@@ -41,6 +51,8 @@ class Completion:
     text: str
     finish_reason: FinishReason
     completion_tokens: int
+    #: Each returned token's logprob (None: the request asked for none).
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,8 @@ class StreamDelta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: The logprobs of the tokens whose text this delta completes.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class TextGenerator:
@@ -100,25 +114,29 @@ class TextGenerator:
         *,
         add_special_tokens: bool = True,
         constraints: Sequence[ConstraintSpec | None] | None = None,
+        logprobs: Sequence[int | None] | None = None,
     ) -> list[PromptResult]:
         """Generate ``params.n`` choices for every prompt in one batched ``generate`` call.
 
-        ``constraints`` gives each prompt its own (default: ``params.constraint`` for all).
+        ``constraints`` and ``logprobs`` give each prompt its own (default:
+        ``params.constraint`` and ``params.logprobs`` for all).
         """
         params = runnable_params(params)
         if constraints is None:
             constraints = [params.constraint] * len(prompts)
+        if logprobs is None:
+            logprobs = [params.logprobs] * len(prompts)
         grammars = [self.grammar(spec) for spec in constraints]  # a bad schema fails first
         batch, prompt_lengths = self._encode(prompts, add_special_tokens)
         kwargs = self._generate_kwargs(params, max(prompt_lengths))
         rows = None
-        if any(grammars):
+        if any(grammars) or any(top is not None for top in logprobs):
             per_prompt = 1 if params.greedy else params.n
-            batch, rows = self._controlled(batch, kwargs, params, grammars, per_prompt)
+            batch, rows = self._controlled(batch, kwargs, params, grammars, logprobs, per_prompt)
         with self._lock:
             output = self._run(batch, kwargs, params.seed)
         _raise_row_errors(rows)
-        return self._split(output, batch["input_ids"].shape[1], prompt_lengths, params)
+        return self._split(output, batch["input_ids"].shape[1], prompt_lengths, params, rows)
 
     @cached_property
     def grammars(self) -> GrammarCompiler:
@@ -137,24 +155,33 @@ class TextGenerator:
         """
         return None if spec is None else self.grammars.compile(spec)
 
+    @cached_property
+    def vocab_bytes(self) -> tuple[bytes, ...]:
+        """The bytes of every token id (the ``bytes`` of logprobs)."""
+        from mlflow_tfx_plugin.structured.tokens import token_bytes
+
+        return token_bytes(self.tokenizer)
+
     def _controlled(
         self,
         batch: Any,
         kwargs: dict[str, Any],
         params: GenerationParams,
         grammars: Sequence[str | None],
+        logprobs: Sequence[int | None],
         per_prompt: int,
     ) -> tuple[Any, list[RowControls | None]]:
-        """Set up a batch with constrained rows: each choice is its own row, decoded by
+        """Set up a batch with controlled rows (a grammar, or logprobs to record): each
+        choice is its own row, decoded by
         :class:`~mlflow_tfx_plugin.structured.ControlProcessor` (``do_sample=False``)."""
         from transformers import LogitsProcessorList
 
         from mlflow_tfx_plugin.structured import ControlProcessor, RowControls
 
         rows: list[RowControls | None] = []
-        for grammar in grammars:
+        for grammar, top in zip(grammars, logprobs, strict=True):
             for _ in range(per_prompt):
-                if grammar is None and params.greedy:
+                if grammar is None and top is None and params.greedy:
                     rows.append(None)  # transformers' argmax is the same choice
                     continue
                 matcher = self.grammars.matcher(grammar) if grammar is not None else None
@@ -164,6 +191,7 @@ class TextGenerator:
                         temperature=params.temperature if not params.greedy else 0.0,
                         top_p=params.top_p,
                         top_k=params.top_k,
+                        top_logprobs=top,
                     )
                 )
         if per_prompt > 1:  # what num_return_sequences does, with a row per choice
@@ -172,9 +200,8 @@ class TextGenerator:
             }
         kwargs.pop("num_return_sequences", None)
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        processor = ControlProcessor(
-            rows, eos_token_id=self._end_token_id, mask_width=self.grammars.vocab_size
-        )
+        mask_width = self.grammars.vocab_size if any(grammars) else None
+        processor = ControlProcessor(rows, eos_token_id=self._end_token_id, mask_width=mask_width)
         kwargs["logits_processor"] = LogitsProcessorList([processor])
         return batch, rows
 
@@ -208,26 +235,88 @@ class TextGenerator:
             raise InvalidInputError("Streaming supports n=1 only.", param="n")
         grammar = self.grammar(params.constraint)
         batch, [prompt_length] = self._encode([prompt], add_special_tokens)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {**self._generate_kwargs(params, prompt_length), "streamer": streamer}
+        kwargs = self._generate_kwargs(params, prompt_length)
         rows = None
-        if grammar is not None:
-            batch, rows = self._controlled(batch, kwargs, params, [grammar], per_prompt=1)
+        if grammar is not None or params.logprobs is not None:
+            batch, rows = self._controlled(
+                batch, kwargs, params, [grammar], [params.logprobs], per_prompt=1
+            )
+        deltas: Iterator[StreamDelta]
+        if rows is not None and rows[0] is not None and rows[0].top_logprobs is not None:
+            tokens = _TokenQueue()
+            kwargs["streamer"] = tokens
+            deltas = self._logprob_deltas(tokens, rows[0].records, params)
+        else:
+            streamer = TextIteratorStreamer(
+                self.tokenizer, skip_prompt=True, skip_special_tokens=True
+            )
+            kwargs["streamer"] = streamer
+            deltas = _stop_filtered(streamer, params.stop)
         if cancel is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([cancel_criterion(cancel)])
         holder: dict[str, Any] = {}
         thread = threading.Thread(target=self._run_into, args=(holder, batch, kwargs, params.seed))
         thread.start()
-        yield from _stop_filtered(streamer, params.stop)
+        yield from deltas
         thread.join()
         if "error" in holder:
             raise holder["error"]
         _raise_row_errors(rows)
         [result] = self._split(
-            holder["output"], batch["input_ids"].shape[1], [prompt_length], params
+            holder["output"], batch["input_ids"].shape[1], [prompt_length], params, rows
         )
         [completion] = result.completions
         yield StreamDelta("", completion.finish_reason, prompt_length, completion.completion_tokens)
+
+    def _logprob_deltas(
+        self, token_ids: Iterable[int], records: Sequence[LogprobRecord], params: GenerationParams
+    ) -> Iterator[StreamDelta]:
+        """Text deltas, each with the logprobs of the tokens whose text it completes
+        (detokenized incrementally, as :meth:`_aligned_logprobs` does)."""
+        texts = TokenTexts(self.tokenizer)
+        text_stream = StopStringStream(params.stop)
+        ends = set() if params.ignore_eos else self.stop_token_ids
+        pending: list[int] = []  # tokens whose logprobs are not sent yet
+
+        def release(ready: Any) -> tuple[TokenLogprob, ...]:
+            count = next((n for n, i in enumerate(pending) if not ready(i)), len(pending))
+            sent, pending[:] = pending[:count], pending[count:]
+            return tuple(resolve(records[i], texts.spans[i], self.vocab_bytes) for i in sent)
+
+        for token in token_ids:
+            if token not in ends:  # an end-of-sequence token takes no text: no logprob
+                pending.append(len(texts.ids))
+            delta = text_stream.push(texts.push(token))
+            logprobs = release(lambda i: texts.spans[i][1] <= text_stream.sent)
+            if delta or logprobs:
+                yield StreamDelta(delta, logprobs=logprobs)
+            if text_stream.stopped:
+                for _ in token_ids:  # drain: generation stops on its own at the stop string
+                    pass
+                break
+        delta = "" if text_stream.stopped else text_stream.push(texts.flush())
+        delta += text_stream.finish()
+        cut = text_stream.sent if text_stream.stopped else None
+        kept = [i for i in pending if kept_before_cut(texts.spans[i], cut)]
+        pending[:] = kept
+        if logprobs := release(lambda i: True):
+            yield StreamDelta(delta, logprobs=logprobs)
+        elif delta:
+            yield StreamDelta(delta)
+
+    def _aligned_logprobs(
+        self, token_ids: Sequence[int], records: Sequence[LogprobRecord], cut: int | None
+    ) -> tuple[TokenLogprob, ...]:
+        """The records of the tokens whose text is returned: none for an end-of-sequence
+        token, none past a stop string's ``cut``."""
+        texts = TokenTexts(self.tokenizer)
+        for token in token_ids:
+            texts.push(token)
+        return tuple(
+            resolve(recorded, span, self.vocab_bytes)
+            for recorded, span in zip(records, texts.spans, strict=False)
+            if kept_before_cut(span, cut)
+        )
 
     def encode(self, prompt: str, *, add_special_tokens: bool) -> list[int]:
         """The prompt's token ids, if they leave room to generate in the context window."""
@@ -337,22 +426,31 @@ class TextGenerator:
             kwargs["streamer"].end()
 
     def _split(
-        self, output: Any, input_width: int, prompt_lengths: list[int], params: GenerationParams
+        self,
+        output: Any,
+        input_width: int,
+        prompt_lengths: list[int],
+        params: GenerationParams,
+        controls: Sequence[RowControls | None] | None = None,
     ) -> list[PromptResult]:
         rows = output.sequences[:, input_width:].tolist()
+        controls = controls or [None] * len(rows)
         per_prompt = 1 if params.greedy else params.n
         results = []
         for index, prompt_length in enumerate(prompt_lengths):
+            start, stop = index * per_prompt, (index + 1) * per_prompt
             choices = [
-                self._completion(row, params)
-                for row in rows[index * per_prompt : (index + 1) * per_prompt]
+                self._completion(row, params, row_controls)
+                for row, row_controls in zip(rows[start:stop], controls[start:stop], strict=True)
             ]
             if params.greedy:  # greedy choices are identical: generate once, return n copies
                 choices = choices * params.n
             results.append(PromptResult(prompt_tokens=prompt_length, completions=choices))
         return results
 
-    def _completion(self, token_ids: list[int], params: GenerationParams) -> Completion:
+    def _completion(
+        self, token_ids: list[int], params: GenerationParams, controls: RowControls | None = None
+    ) -> Completion:
         end = next((i + 1 for i, tok in enumerate(token_ids) if tok in self.stop_token_ids), None)
         generated = (
             token_ids[:end] if end else _strip_padding(token_ids, self.tokenizer.pad_token_id)
@@ -360,7 +458,13 @@ class TextGenerator:
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         text, hit_stop = cut_at_stop(text, params.stop)
         finish: FinishReason = "stop" if end is not None or hit_stop else "length"
-        return Completion(text=text, finish_reason=finish, completion_tokens=len(generated))
+        logprobs = None
+        if controls is not None and controls.top_logprobs is not None:
+            # A row's records outlast its tokens once it has ended (padding follows).
+            with_text = generated[:-1] if end is not None else generated
+            records = controls.records[: len(with_text)]
+            logprobs = self._aligned_logprobs(with_text, records, len(text) if hit_stop else None)
+        return Completion(text, finish, len(generated), logprobs)
 
 
 def _raise_row_errors(rows: Sequence[RowControls | None] | None) -> None:
@@ -473,6 +577,11 @@ class StopStringStream:
         delta, self._sent = text[self._sent : end], end
         return delta
 
+    @property
+    def sent(self) -> int:
+        """How many characters of the text have been handed out."""
+        return self._sent
+
 
 def _stop_filtered(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[StreamDelta]:
     """Pass text through, holding back any tail that may still grow into a stop string."""
@@ -486,6 +595,28 @@ def _stop_filtered(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[Stre
             return
     if delta := text_stream.finish():
         yield StreamDelta(delta)
+
+
+class _TokenQueue:
+    """A ``generate`` streamer that queues each generated token id (the prompt is skipped);
+    iterating it yields them until generation ends."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if self._prompt_seen:
+            for token in value.reshape(-1).tolist():
+                self._queue.put(int(token))
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[int]:
+        while (token := self._queue.get()) is not None:
+            yield token
 
 
 def partial_stop_length(text: str, stops: Sequence[str]) -> int:

@@ -8,17 +8,20 @@ the JSON OpenAI clients expect.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlflow_tfx_plugin.errors import InvalidInputError
+from mlflow_tfx_plugin.structured.logprobs import MAX_TOP_LOGPROBS
 from mlflow_tfx_plugin.structured.spec import ConstraintSpec
+from mlflow_tfx_plugin.structured.tools import ToolPlan, resolve_tool_choice, tool_names
 
 _logger = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class GenerationParams:
     ignore_eos: bool = False
     #: ``response_format``: the grammar the output is decoded under (None: free text).
     constraint: ConstraintSpec | None = None
+    #: ``logprobs``: record each token's logprob with this many alternatives (None: no).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +70,51 @@ class OpenAIModel(BaseModel):
         return self
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_arguments(cls, value: str) -> str:
+        try:
+            arguments = json.loads(value or "{}")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"must be JSON text ({err})") from None
+        if not isinstance(arguments, dict):
+            raise ValueError(f"must be a JSON object, got {value!r}")
+        return value
+
+
+class ToolCall(BaseModel):
+    """A tool call: in an assistant message of the history, and in an answer."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """One entry of ``tools``: only functions (OpenAI's custom tools are not supported)."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _only_functions(cls, value: Any) -> Any:
+        if value != "function":
+            raise ValueError(f"must be 'function' (the only tool type supported), got {value!r}")
+        return value
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -75,7 +125,7 @@ class ChatMessage(OpenAIModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -200,22 +250,109 @@ class _GenerationRequest(OpenAIModel):
             repetition_penalty=_first(self.repetition_penalty, defaults.get("repetition_penalty")),
             ignore_eos=self.ignore_eos,
             constraint=self.response_format.constraint() if self.response_format else None,
+            logprobs=self.logprob_alternatives,
         )
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        """How many alternatives each token's logprob comes with (None: no logprobs)."""
+        return None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+ToolChoice = Literal["none", "auto", "required"]
+_TOOL_CHOICES = ("none", "auto", "required")
+
+
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
+    #: ``"none" | "auto" | "required"`` or ``{"type": "function", "function": {"name": ...}}``
+    tool_choice: ToolChoice | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, value: int | None, info: Any) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("needs 'logprobs' set to true")
+        return value
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _check_tool_choice(cls, value: Any) -> Any:
+        if value is None or value in _TOOL_CHOICES:
+            return value
+        if isinstance(value, Mapping) and value.get("type") == "function":
+            function = value.get("function")
+            name = function.get("name") if isinstance(function, Mapping) else None
+            if isinstance(name, str):
+                return {"type": "function", "function": {"name": name}}
+        raise ValueError(
+            "must be 'none', 'auto', 'required' or "
+            f"{{'type': 'function', 'function': {{'name': <a tool's name>}}}}, got {value!r}"
+        )
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:  # vLLM accepts "none" alone
+            raise InvalidInputError("is set, but the request has no 'tools'", param="tool_choice")
+        if isinstance(choice, Mapping):
+            name, known = choice["function"]["name"], tool_names(self.tool_dicts)
+            if name not in known:
+                raise InvalidInputError(
+                    f"names the tool {name!r}, which is not in 'tools' ({', '.join(known)})",
+                    param="tool_choice",
+                )
+        if self.response_format is not None and self.response_format.type != "text":
+            plan = self.tool_plan()
+            if plan is not None and plan.constraint() is not None:
+                raise InvalidInputError(
+                    f"cannot be combined with tool_choice {plan.mode!r}, which already "
+                    "constrains the output to tool calls",
+                    param="response_format",
+                )
+        return self
+
+    @property
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools as OpenAI sends them (what chat templates take)."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or ()]
+
+    def tool_plan(self) -> ToolPlan | None:
+        """How this request may call its tools (None: it has none)."""
+        return resolve_tool_choice(
+            self.tool_dicts, self.tool_choice, parallel=self.parallel_tool_calls
+        )
+
+    def generation_params(self, defaults: Mapping[str, Any] | None = None) -> GenerationParams:
+        """As for any request; ``tool_choice`` ``required`` or named constrains the output."""
+        params = super().generation_params(defaults)
+        plan = self.tool_plan()
+        constraint = plan.constraint() if plan is not None else None
+        return replace(params, constraint=constraint) if constraint else params
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str]
     echo: bool = False
     suffix: str | None = None
+    #: the legacy API's logprobs: how many alternatives each token comes with
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -287,16 +424,45 @@ class Usage(BaseModel):
         )
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    """One chosen token's logprob, with the most likely alternatives."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """``choices[].logprobs`` of a chat completion or chunk: one entry per token."""
+
+    content: list[ChatTokenLogprob] | None = None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """``choices[].logprobs`` of a text completion (OpenAI's legacy shape)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the answer is only tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -308,16 +474,32 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: the first names it (``id``, ``type``, the tool's
+    name, empty ``arguments``); later ones carry pieces of its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -333,7 +515,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -397,8 +579,12 @@ def parse_request(model: type[RequestT], data: Any) -> RequestT:
 
 def _translate(err: ValidationError) -> InvalidInputError:
     error = err.errors()[0]
-    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function"))
+    # pydantic names validator functions in locations ("function-after[...]")
+    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
     message = error["msg"].removeprefix("Value error, ")
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, InvalidInputError) and cause.param:  # a cross-field rule
+        location = cause.param
     if error["type"] == "missing":
         message = "is required"
     if not location:

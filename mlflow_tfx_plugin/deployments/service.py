@@ -63,7 +63,7 @@ from mlflow_tfx_plugin.protocol import (
 )
 from mlflow_tfx_plugin.pyfunc import to_python
 from mlflow_tfx_plugin.tasks import TaskAdapter
-from mlflow_tfx_plugin.tasks.chat import ChatAdapter, ChatChunker
+from mlflow_tfx_plugin.tasks.chat import ChatAdapter
 from mlflow_tfx_plugin.tasks.completions import CompletionChunker, CompletionsAdapter
 from mlflow_tfx_plugin.tasks.embeddings import EmbeddingRunner, EmbeddingsAdapter
 from mlflow_tfx_plugin.tasks.llm import LLMAdapter
@@ -218,7 +218,7 @@ class ServedModel:
         params = request.generation_params(self.chat.model_config)
         prompt = await asyncio.to_thread(self.chat.prompt, request)
         result = await self.engine.generate(prompt, params, add_special_tokens=False)
-        return self.chat.response(request, result)
+        return self.chat.response(request, result, prompt)
 
     async def chat_stream(
         self, request: ChatCompletionRequest
@@ -226,7 +226,8 @@ class ServedModel:
         assert self.chat is not None and self.engine is not None
         params = request.generation_params(self.chat.model_config)
         prompt = await asyncio.to_thread(self.chat.prompt, request)
-        chunker = ChatChunker(self.name, include_usage=True)  # the server counts tokens
+        # the server counts tokens
+        chunker = self.chat.chunker(request, prompt, model=self.name, include_usage=True)
         events = self.engine.stream(prompt, params, add_special_tokens=False)
         async with aclosing(events):  # closing the stream cancels the generation
             first = await anext(events)  # errors surface before the stream starts

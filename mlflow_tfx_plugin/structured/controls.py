@@ -7,6 +7,8 @@ to the matcher, and leaves that token as the row's only choice (a one-hot row), 
 whatever transformers does after it (argmax or sampling) takes the same token. A row whose
 grammar is complete gets a one-hot end-of-sequence token: it must be *ended*, or a batched
 ``generate`` would keep it going with trailing text. Rows without controls are untouched.
+A row that asks for logprobs records each picked token's log-probability (after the mask,
+before temperature) in ``RowControls.records``.
 
 A batch with controlled rows runs with ``do_sample=False``: transformers appends its
 sampling warpers *after* user processors, and they would warp the one-hot rows.
@@ -15,8 +17,10 @@ sampling warpers *after* user processors, and they would warp the one-hot rows.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from mlflow_tfx_plugin.structured.logprobs import LogprobRecord, record
 
 _NEG_INF = float("-inf")
 
@@ -30,6 +34,9 @@ class RowControls:
         temperature: 0 decodes greedily.
         top_p: nucleus sampling mass.
         top_k: keep this many most likely tokens (None or 0: all).
+        top_logprobs: record each picked token's logprob with this many alternatives
+            (None: record nothing).
+        records: what was recorded, one per picked token.
         done: the grammar is complete; the row gets end-of-sequence from now on.
         error: why the matcher rejected a token (the row is ended).
     """
@@ -38,6 +45,8 @@ class RowControls:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int | None = None
+    top_logprobs: int | None = None
+    records: list[LogprobRecord] = field(default_factory=list)
     done: bool = False
     error: str | None = None
 
@@ -48,19 +57,30 @@ class ControlProcessor:
     Args:
         rows: per batch row, its controls or None.
         eos_token_id: what a row whose grammar is complete is given.
-        mask_width: the grammars' vocabulary size (the bitmask covers it).
+        mask_width: the grammars' vocabulary size (the bitmask covers it); None when no
+            row has a grammar (logprobs only: llguidance is not needed).
     """
 
     def __init__(
-        self, rows: Sequence[RowControls | None], *, eos_token_id: int, mask_width: int
+        self, rows: Sequence[RowControls | None], *, eos_token_id: int, mask_width: int | None
     ) -> None:
-        from llguidance.torch import allocate_token_bitmask
-
         self.rows = list(rows)
         self.eos_token_id = eos_token_id
-        self._bitmask = allocate_token_bitmask(len(self.rows), mask_width)
+        self._bitmask: Any = None
+        if mask_width is not None:
+            from llguidance.torch import allocate_token_bitmask
+
+            self._bitmask = allocate_token_bitmask(len(self.rows), mask_width)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self._bitmask is not None:
+            self._mask(scores)
+        for row, controls in enumerate(self.rows):
+            if controls is not None:
+                self._control_row(scores, row, controls)
+        return scores
+
+    def _mask(self, scores: Any) -> None:
         from llguidance.torch import fill_next_token_bitmask
 
         constrained = []
@@ -72,16 +92,15 @@ class ControlProcessor:
                 constrained.append(row)
         if constrained:
             apply_bitmask(scores, self._bitmask, constrained)
-        for row, controls in enumerate(self.rows):
-            if controls is not None:
-                self._control_row(scores, row, controls)
-        return scores
 
     def _control_row(self, scores: Any, row: int, controls: RowControls) -> None:
         if controls.done:
             _one_hot(scores, row, self.eos_token_id)
             return
         token = pick_token(scores[row], controls)
+        if controls.top_logprobs is not None:
+            logprobs = scores[row].float().log_softmax(-1)
+            controls.records.append(record(logprobs, token, controls.top_logprobs))
         matcher = controls.matcher
         if matcher is not None:
             if not matcher.consume_token(token):

@@ -9,10 +9,12 @@ from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.generation import StreamDelta
 from mlflow_tfx_plugin.protocol import (
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Usage,
 )
+from mlflow_tfx_plugin.structured.logprobs import TokenLogprob, completion_logprobs
 from mlflow_tfx_plugin.tasks.llm import GenerativeAdapter, extend_schema
 
 if TYPE_CHECKING:
@@ -73,7 +75,12 @@ class CompletionsAdapter(GenerativeAdapter):
         """One response over the results of all the request's prompts (``n`` choices each)."""
         n = request.n
         choices = [
-            CompletionChoice(index=p * n + i, text=c.text, finish_reason=c.finish_reason)
+            CompletionChoice(
+                index=p * n + i,
+                text=c.text,
+                finish_reason=c.finish_reason,
+                logprobs=legacy_logprobs(c.logprobs),
+            )
             for p, result in enumerate(results)
             for i, c in enumerate(result.completions)
         ]
@@ -95,10 +102,22 @@ class CompletionChunker:
 
     def chunks(self, event: StreamDelta) -> list[CompletionResponse]:
         chunks = []
-        if event.text or event.finish_reason:
-            choice = CompletionChoice(index=0, text=event.text, finish_reason=event.finish_reason)
+        if event.text or event.finish_reason or event.logprobs:
+            choice = CompletionChoice(
+                index=0,
+                text=event.text,
+                finish_reason=event.finish_reason,
+                logprobs=legacy_logprobs(event.logprobs) if event.logprobs else None,
+            )
             chunks.append(self.head.model_copy(update={"choices": [choice]}))
         if event.finish_reason and self.include_usage:
             usage = Usage.of(event.prompt_tokens, event.completion_tokens)
             chunks.append(self.head.model_copy(update={"choices": [], "usage": usage}))
         return chunks
+
+
+def legacy_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> CompletionLogprobs | None:
+    """``choices[].logprobs`` (the legacy shape) for a completion's or a chunk's tokens."""
+    if logprobs is None:
+        return None
+    return CompletionLogprobs.model_validate(completion_logprobs(logprobs))

@@ -122,7 +122,8 @@ def extend_schema(schema: Schema, *extra: Any) -> Schema:
 
     Without ``extra``, the generation fields chat and completions accept beyond MLflow's
     public schemas (MLflow's schema enforcement drops undeclared fields before the model
-    sees them).
+    sees them), ``logprobs`` as each API has it: chat's (a schema with ``messages``) is a
+    flag with ``top_logprobs``, the legacy completions' a count.
     """
     from mlflow.types.schema import AnyType, ColSpec, Object, Property, Schema
 
@@ -137,4 +138,12 @@ def extend_schema(schema: Schema, *extra: Any) -> Schema:
             required=False,
         ),
     )
-    return Schema([*schema.inputs, *(extra or generation_fields)])
+    logprobs: tuple[ColSpec, ...]
+    if any(spec.name == "messages" for spec in schema.inputs):
+        logprobs = (
+            ColSpec("boolean", "logprobs", required=False),
+            ColSpec("long", "top_logprobs", required=False),
+        )
+    else:
+        logprobs = (ColSpec("long", "logprobs", required=False),)
+    return Schema([*schema.inputs, *(extra or (*generation_fields, *logprobs))])

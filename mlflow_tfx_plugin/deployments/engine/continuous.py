@@ -4,9 +4,10 @@ Sequences join and leave the running batch at every decoding step, and the KV ca
 paged and sized from ``max_batch_size`` (never from a share of RAM). A request that
 arrives to an idle engine runs alone (:mod:`.solo`) and hands off to the manager as soon
 as another request arrives. Requests the manager cannot express go to the micro-batching
-engine (:mod:`.micro`), and so do constrained requests (``response_format``): the manager
-has no per-request grammar hook yet. Model work and tokenizing run off the event loop, so
-``/health`` and ``/metrics`` answer under load.
+engine (:mod:`.micro`), and so do constrained requests (``response_format``) and requests
+for ``logprobs``: the manager has no per-request grammar hook yet, and its own logprobs
+are taken after the sampling warpers, without alternatives. Model work and tokenizing run
+off the event loop, so ``/health`` and ``/metrics`` answer under load.
 
 If transformers' loop dies, its requests fail and the engine restarts it (a bounded
 number of times per window).
@@ -308,6 +309,7 @@ class ContinuousBatchingEngine:
             params.seed is not None
             or params.repetition_penalty is not None
             or params.constraint is not None
+            or params.logprobs is not None
         )
         return unsupported or (self.settings.greedy_only and not params.greedy)
 

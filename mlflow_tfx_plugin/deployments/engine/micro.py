@@ -1,9 +1,10 @@
 """The micro-batching engine: requests collected for a few milliseconds share one ``generate``.
 
 It serves models transformers' continuous-batching manager cannot run, and requests the
-manager cannot express (``seed``, ``repetition_penalty``, ``response_format``). A batch
-runs one left-padded ``generate`` per group of equal parameters, and a failing group fails
-only its requests. Constrained requests share their group: each row has its own grammar.
+manager cannot express (``seed``, ``repetition_penalty``, ``response_format``,
+``logprobs``). A batch runs one left-padded ``generate`` per group of equal parameters, and
+a failing group fails only its requests. Grammars and logprobs settings do not split a
+group: each row has its own.
 """
 
 from __future__ import annotations
@@ -113,19 +114,25 @@ class MicroBatchingEngine:
             await asyncio.shield(producer)
 
     def _generate_batch(self, items: list[_GenerationItem]) -> list[PromptResult | Exception]:
-        """One ``generate`` per group of equal parameters; a failing group fails alone."""
+        """One ``generate`` per group of equal parameters (per-row controls aside); a
+        failing group fails alone."""
         groups: dict[tuple[GenerationParams, bool], list[int]] = {}
         for index, item in enumerate(items):
-            unconstrained = replace(item.params, constraint=None)
-            groups.setdefault((unconstrained, item.add_special_tokens), []).append(index)
+            shared = replace(item.params, constraint=None, logprobs=None)
+            groups.setdefault((shared, item.add_special_tokens), []).append(index)
         results: list[PromptResult | Exception] = [EngineError("No result.")] * len(items)
         for (params, add_special), indices in groups.items():
             prompts = [items[i].prompt for i in indices]
             constraints = [items[i].params.constraint for i in indices]
+            logprobs = [items[i].params.logprobs for i in indices]
             try:
                 with self.exclusive():
                     generated: Sequence[PromptResult | Exception] = self.generator.generate(
-                        prompts, params, add_special_tokens=add_special, constraints=constraints
+                        prompts,
+                        params,
+                        add_special_tokens=add_special,
+                        constraints=constraints,
+                        logprobs=logprobs,
                     )
             except Exception as err:
                 if not isinstance(err, InvalidInputError):
