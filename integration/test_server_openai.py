@@ -218,6 +218,20 @@ def test_invalid_request_is_a_bad_request_error(server: Server):
         )
 
 
+def test_an_openai_field_the_server_cannot_honour_is_rejected_not_dropped(server: Server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=2, logit_bias={"1": -100}
+        )
+    assert caught.value.body["param"] == "logit_bias"
+    # a field that cannot change the answer is still just ignored
+    answer = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=2, extra_body={"metadata": {"team": "a"}}
+    )
+    assert answer.choices[0].message.content is not None
+
+
 def test_wrong_key_is_an_authentication_error(server: Server):
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong").chat.completions.create(

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -59,14 +59,26 @@ class GenerationParams:
 
 
 class OpenAIModel(BaseModel):
-    """Base of request models: extra fields are accepted and logged as ignored."""
+    """Base of request models. An OpenAI field that would change the answer but is not
+    honoured here (:attr:`unsupported_fields`) is a 400 naming it; any other extra field
+    (``metadata``, ``store``, a client's own extension) cannot change the answer and is
+    logged as ignored."""
 
     model_config = ConfigDict(extra="allow")
+    unsupported_fields: ClassVar[frozenset[str]] = frozenset()
 
     @model_validator(mode="after")
-    def _log_ignored_fields(self) -> OpenAIModel:
-        if self.model_extra:
-            _logger.info("Ignoring unsupported request fields: %s", sorted(self.model_extra))
+    def _check_extra_fields(self) -> OpenAIModel:
+        extra = sorted(self.model_extra or ())
+        refused = [name for name in extra if name in self.unsupported_fields]
+        if refused:
+            raise InvalidInputError(
+                "is not supported by this server and would change the answer; remove it "
+                "from the request",
+                param=refused[0],
+            )
+        if extra:
+            _logger.info("Ignoring request fields that do not change the answer: %s", extra)
         return self
 
 
@@ -268,6 +280,20 @@ _TOOL_CHOICES = ("none", "auto", "required")
 
 
 class ChatCompletionRequest(_GenerationRequest):
+    unsupported_fields = frozenset(
+        {
+            "audio",
+            "function_call",
+            "functions",
+            "logit_bias",
+            "modalities",
+            "prediction",
+            "reasoning_effort",
+            "verbosity",
+            "web_search_options",
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     #: ``"none" | "auto" | "required"`` or ``{"type": "function", "function": {"name": ...}}``
@@ -344,6 +370,8 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
+    unsupported_fields = frozenset({"best_of", "logit_bias"})
+
     prompt: str | list[str]
     echo: bool = False
     suffix: str | None = None

@@ -373,3 +373,36 @@ def test_values_the_kernels_cannot_take_are_rejected(
 )
 def test_values_at_the_bounds_are_accepted(fields: dict[str, Any]):
     parse_request(CompletionRequest, {"prompt": "a", **fields})
+
+
+# -- issue 14: no OpenAI field that changes the answer is silently dropped ------------------
+
+_CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("model", "fields", "param"),
+    [
+        (ChatCompletionRequest, {**_CHAT, "logit_bias": {"50256": -100}}, "logit_bias"),
+        (ChatCompletionRequest, {**_CHAT, "functions": [{"name": "f"}]}, "functions"),
+        (ChatCompletionRequest, {**_CHAT, "function_call": "auto"}, "function_call"),
+        (ChatCompletionRequest, {**_CHAT, "prediction": {"type": "content"}}, "prediction"),
+        (ChatCompletionRequest, {**_CHAT, "modalities": ["text", "audio"]}, "modalities"),
+        (ChatCompletionRequest, {**_CHAT, "reasoning_effort": "low"}, "reasoning_effort"),
+        (CompletionRequest, {"prompt": "a", "best_of": 3}, "best_of"),
+        (CompletionRequest, {"prompt": "a", "logit_bias": {"1": 5}}, "logit_bias"),
+    ],
+)
+def test_fields_that_would_change_the_answer_are_rejected_by_name(
+    model: type[Any], fields: dict[str, Any], param: str
+):
+    with pytest.raises(InvalidInputError, match="would change the answer") as caught:
+        parse_request(model, fields)
+    assert caught.value.param == param
+
+
+@pytest.mark.parametrize(
+    "fields", [{"metadata": {"team": "a"}}, {"store": False}, {"service_tier": "auto"}]
+)
+def test_fields_that_cannot_change_the_answer_are_ignored(fields: dict[str, Any]):
+    assert parse_request(ChatCompletionRequest, {**_CHAT, **fields}).model_extra == fields
