@@ -261,6 +261,28 @@ def listener_process(
         yield server
 
 
+#: The API key of :func:`openai_listener` servers (a test value, never a real secret).
+TEST_API_KEY = "test-key-not-a-secret"
+
+
+@contextlib.contextmanager
+def openai_listener(
+    model_dir: Path, *, log: Path, config: Mapping[str, Any] | None = None
+) -> Iterator[Any]:
+    """:func:`listener_process` named ``tiny`` behind :data:`TEST_API_KEY`, offline;
+    yields an ``openai.OpenAI`` client for it (no retries: a failure shows at once)."""
+    import openai  # imported here: this module stays importable without it
+
+    from mlflow_tfx_plugin.deployments.config import API_KEY_ENV
+    from mlflow_tfx_plugin.deployments.process import server_environment
+
+    env = {**server_environment(TEST_API_KEY, API_KEY_ENV), "HF_HUB_OFFLINE": "1"}
+    with listener_process(
+        model_dir, name="tiny", config=config or {"max_batch_size": 4}, log=log, env=env
+    ) as running:
+        yield openai.OpenAI(base_url=f"{running.url}/v1", api_key=TEST_API_KEY, max_retries=0)
+
+
 # --------------------------------------------------------------------------- in this process
 
 

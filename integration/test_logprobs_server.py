@@ -19,13 +19,10 @@ import pytest
 
 import mlflow_tfx_plugin as tfx
 from integration import servers
-from mlflow_tfx_plugin.deployments.config import API_KEY_ENV
-from mlflow_tfx_plugin.deployments.process import server_environment
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-API_KEY = "test-key-not-a-secret"
 HELLO = [{"role": "user", "content": "Say something."}]
 POINT = {
     "type": "object",
@@ -43,12 +40,8 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     base = tmp_path_factory.mktemp("logprobs")
     checkpoint = tiny_models.build_llama(base / "checkpoint")
     tfx.save_model(checkpoint, base / "model", task="llm/v1/chat")
-    env = {**server_environment(API_KEY, API_KEY_ENV), "HF_HUB_OFFLINE": "1"}
-    log = base / "server.log"
-    with servers.listener_process(
-        base / "model", name="tiny", config={"max_batch_size": 4}, log=log, env=env
-    ) as running:
-        yield openai.OpenAI(base_url=f"{running.url}/v1", api_key=API_KEY, max_retries=0)
+    with servers.openai_listener(base / "model", log=base / "server.log") as client:
+        yield client
 
 
 def _chat(client: openai.OpenAI, **request: Any) -> Any:
