@@ -403,6 +403,9 @@ class LocalHub:
         self._faults = Faults()
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lock = threading.Lock()
+        # requests being answered: a client can see its response before the server logs it
+        self._in_flight = 0
+        self._settled = threading.Condition(self._lock)
         self._commit_counter = 0
         self._port = port
         self._server: _HubHTTPServer | None = None
@@ -509,9 +512,15 @@ class LocalHub:
 
     # ---- request log ---------------------------------------------------------------------------
 
+    def _begin(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
     def _log(self, record: RequestRecord) -> None:
         with self._lock:
             self.requests.append(record)
+            self._in_flight -= 1
+            self._settled.notify_all()
 
     def clear_requests(self) -> None:
         with self._lock:
@@ -525,8 +534,10 @@ class LocalHub:
         repo_id: str | None = None,
         filename: str | None = None,
     ) -> list[RequestRecord]:
-        """Recorded requests filtered by the given fields (`filename` is an fnmatch glob)."""
-        with self._lock:
+        """Recorded requests filtered by the given fields (`filename` is an fnmatch glob),
+        once every request being answered has been logged (5 s at most)."""
+        with self._settled:
+            self._settled.wait_for(lambda: self._in_flight == 0, timeout=5)
             records = list(self.requests)
         return [
             r
@@ -780,6 +791,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         if split.path.startswith(_CONTROL_PREFIX):
             self._guarded(lambda: self._dispatch_control(split.path[len(_CONTROL_PREFIX) :]))
             return
+        self.hub._begin()
         try:
             self._guarded(lambda: self._dispatch_api(split.path))
         finally:
@@ -1021,8 +1033,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         getattr(self, handler)()
 
     def _control_get_requests(self) -> None:
-        with self.hub._lock:
-            records = [asdict(r) for r in self.hub.requests]
+        records = [asdict(r) for r in self.hub.find_requests()]
         self._send_json(200, records)
 
     def _control_set_faults(self) -> None:
