@@ -16,7 +16,7 @@ sampling warpers *after* user processors, and they would warp the one-hot rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,25 +55,38 @@ class ControlProcessor:
     """A logits processor over a batch whose rows may each carry :class:`RowControls`.
 
     Args:
-        rows: per batch row, its controls or None.
+        rows: per batch row, its controls or None; or a function that gives them for each
+            step (transformers' continuous batching, whose rows change every step).
         eos_token_id: what a row whose grammar is complete is given.
-        mask_width: the grammars' vocabulary size (the bitmask covers it); None when no
-            row has a grammar (logprobs only: llguidance is not needed).
+        mask_width: the grammars' vocabulary size (the bitmask covers it), or a function
+            that gives it when a grammar first needs it; None when no row has a grammar
+            (logprobs only: llguidance is not needed).
     """
 
-    def __init__(
-        self, rows: Sequence[RowControls | None], *, eos_token_id: int, mask_width: int | None
-    ) -> None:
-        self.rows = list(rows)
-        self.eos_token_id = eos_token_id
-        self._bitmask: Any = None
-        if mask_width is not None:
-            from llguidance.torch import allocate_token_bitmask
+    #: transformers' continuous batching keeps only the processors that say so.
+    supports_continuous_batching = True
 
-            self._bitmask = allocate_token_bitmask(len(self.rows), mask_width)
+    def __init__(
+        self,
+        rows: Sequence[RowControls | None] | Callable[[], Sequence[RowControls | None]],
+        *,
+        eos_token_id: int,
+        mask_width: int | Callable[[], int] | None,
+    ) -> None:
+        self._rows_source = rows if callable(rows) else None
+        self.rows: list[RowControls | None] = [] if callable(rows) else list(rows)
+        self.eos_token_id = eos_token_id
+        self._mask_width = mask_width
+        self._bitmask: Any = None
+        if isinstance(mask_width, int):
+            self._bitmask = _allocate_bitmask(len(self.rows), mask_width)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        if self._bitmask is not None:
+        if self._rows_source is not None:
+            self.rows = list(self._rows_source())
+        if self._mask_width is not None and any(
+            controls is not None and controls.matcher is not None for controls in self.rows
+        ):
             self._mask(scores)
         for row, controls in enumerate(self.rows):
             if controls is not None:
@@ -83,6 +96,10 @@ class ControlProcessor:
     def _mask(self, scores: Any) -> None:
         from llguidance.torch import fill_next_token_bitmask
 
+        if self._bitmask is None or self._bitmask.shape[0] < len(self.rows):
+            width = self._mask_width() if callable(self._mask_width) else self._mask_width
+            assert width is not None
+            self._bitmask = _allocate_bitmask(len(self.rows), width)
         constrained = []
         for row, controls in enumerate(self.rows):
             if controls is None or controls.done:
@@ -156,6 +173,12 @@ def pick_token(scores: Any, controls: RowControls) -> int:
         logits = logits.clone()
         logits[order[outside]] = _NEG_INF
     return int(torch.multinomial(logits.softmax(-1), 1))
+
+
+def _allocate_bitmask(rows: int, width: int) -> Any:
+    from llguidance.torch import allocate_token_bitmask
+
+    return allocate_token_bitmask(rows, width)
 
 
 def _one_hot(scores: Any, row: int, token: int) -> None:

@@ -4,10 +4,11 @@ Sequences join and leave the running batch at every decoding step, and the KV ca
 paged and sized from ``max_batch_size`` (never from a share of RAM). A request that
 arrives to an idle engine runs alone (:mod:`.solo`) and hands off to the manager as soon
 as another request arrives. Requests the manager cannot express go to the micro-batching
-engine (:mod:`.micro`), and so do constrained requests (``response_format``) and requests
-for ``logprobs``: the manager has no per-request grammar hook yet, and its own logprobs
-are taken after the sampling warpers, without alternatives. Model work and tokenizing run
-off the event loop, so ``/health`` and ``/metrics`` answer under load.
+engine (:mod:`.micro`). Constrained requests (``response_format``, forced tool calls) and
+requests for ``logprobs`` run in the manager through a processor of ours (:mod:`.cb_hooks`),
+never solo; if that hook cannot be installed or fails its start-up check, they go to
+micro-batching too. Model work and tokenizing run off the event loop, so ``/health`` and
+``/metrics`` answer under load.
 
 If transformers' loop dies, its requests fail and the engine restarts it (a bounded
 number of times per window).
@@ -21,7 +22,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, aclosing, contextmanager, nullcontext
 from typing import Any, cast
@@ -31,6 +32,12 @@ from mlflow_tfx_plugin.deployments.engine.base import (
     OutputSink,
     check_max_tokens,
     raise_if_failed,
+)
+from mlflow_tfx_plugin.deployments.engine.cb_hooks import (
+    ControlRegistry,
+    install_controls,
+    self_check,
+    uninstall_controls,
 )
 from mlflow_tfx_plugin.deployments.engine.micro import MicroBatchingEngine
 from mlflow_tfx_plugin.deployments.engine.solo import SoloRun, SoloRunner
@@ -45,6 +52,13 @@ from mlflow_tfx_plugin.generation import (
     runnable_params,
 )
 from mlflow_tfx_plugin.protocol import GenerationParams
+from mlflow_tfx_plugin.structured.controls import RowControls
+from mlflow_tfx_plugin.structured.logprobs import (
+    TokenLogprob,
+    TokenTexts,
+    kept_before_cut,
+    resolve,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -76,7 +90,7 @@ class ContinuousBatchingEngine:
         self._loop_failure_handled = False
         self._pausers = 0  # threads in or waiting for exclusive(): no restart meanwhile
         self._restart_lock = threading.Lock()  # guards the one above, and restarts
-        self._manager = _start_manager(generator, settings)
+        self._manager, self._controls = _start_manager(generator, settings)
         self._generate_lock = threading.Lock()  # one plain generate at a time: solo or fallback
         self._fallback = MicroBatchingEngine(
             generator, settings, exclusive=self._exclusive_generate
@@ -108,6 +122,11 @@ class ContinuousBatchingEngine:
     def in_flight(self) -> int:
         """Requests (sequences) being generated, solo, in the manager or as a fallback."""
         return self._in_flight
+
+    @property
+    def controlled_requests(self) -> int:
+        """Constrained or logprobs requests (sequences) that ran in the manager."""
+        return self._controls.registered if self._controls is not None else 0
 
     @property
     def solo_requests(self) -> int:
@@ -181,12 +200,17 @@ class ContinuousBatchingEngine:
         self, prompt: str, params: GenerationParams, add_special_tokens: bool
     ) -> tuple[int, Completion]:
         pieces: list[str] = []
+        logprobs: list[TokenLogprob] = []
         async with aclosing(self._deltas(prompt, params, add_special_tokens)) as deltas:
             async for delta in deltas:
                 pieces.append(delta.text)
+                logprobs.extend(delta.logprobs)
                 if delta.finish_reason:
                     completion = Completion(
-                        "".join(pieces), delta.finish_reason, delta.completion_tokens
+                        "".join(pieces),
+                        delta.finish_reason,
+                        delta.completion_tokens,
+                        tuple(logprobs) if params.logprobs is not None else None,
                     )
                     return delta.prompt_tokens, completion
         raise EngineError("Generation ended without a result.")  # pragma: no cover
@@ -194,44 +218,82 @@ class ContinuousBatchingEngine:
     async def _deltas(
         self, prompt: str, params: GenerationParams, add_special_tokens: bool
     ) -> AsyncGenerator[StreamDelta, None]:
-        """Text deltas of one sequence; stop strings are cut, partial ones held back."""
-        input_ids = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_executor, self._encode, prompt, add_special_tokens
+        """Text deltas of one sequence; stop strings are cut, partial ones held back.
+
+        A sequence with logprobs sends each token's with the delta that completes its text.
+        """
+        input_ids, controls = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_executor, self._prepare, prompt, params, add_special_tokens
         )
         max_new = self._max_new_tokens(params, len(input_ids))
         tokenizer = self.generator.tokenizer
         text_stream = StopStringStream(params.stop)
-        outputs = self._outputs(input_ids, params, max_new)
+        aligned = None
+        if controls is not None and controls.top_logprobs is not None:
+            ends = set() if params.ignore_eos else self._eos_ids
+            aligned = _LogprobDeltas(self.generator, controls, text_stream, ends)
+        outputs = self._outputs(input_ids, params, max_new, controls)
         async with aclosing(outputs):
             async for output in outputs:
                 tokens = output.generated_tokens
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
                 finished = output.is_finished()
-                if delta := text_stream.update(text, final=finished):
-                    yield StreamDelta(delta)
+                if aligned is not None:
+                    for delta in aligned.feed(tokens, final=finished):
+                        yield delta
+                else:
+                    text = tokenizer.decode(tokens, skip_special_tokens=True)
+                    if piece := text_stream.update(text, final=finished):
+                        yield StreamDelta(piece)
                 if text_stream.stopped or finished:
-                    stopped = text_stream.stopped or (
-                        not params.ignore_eos and bool(tokens) and tokens[-1] in self._eos_ids
+                    if controls is not None and controls.error:
+                        raise EngineError(f"Constrained decoding failed: {controls.error}")
+                    stopped = (
+                        text_stream.stopped
+                        or (controls is not None and controls.done)
+                        or (not params.ignore_eos and bool(tokens) and tokens[-1] in self._eos_ids)
                     )
                     reason: FinishReason = "stop" if stopped else "length"
                     yield StreamDelta("", reason, len(input_ids), len(tokens))
                     return
 
+    def _prepare(
+        self, prompt: str, params: GenerationParams, add_special_tokens: bool
+    ) -> tuple[list[int], RowControls | None]:
+        """The prompt's ids, and the sequence's controls if it has any (tokenize thread: a
+        schema the grammar engine cannot enforce fails here, before generation)."""
+        input_ids = self._encode(prompt, add_special_tokens)
+        if not _is_controlled(params):
+            return input_ids, None
+        grammar = self.generator.grammar(params.constraint)
+        controls = RowControls(
+            matcher=self.generator.grammars.matcher(grammar) if grammar is not None else None,
+            temperature=0.0 if params.greedy else params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            top_logprobs=params.logprobs,
+        )
+        return input_ids, controls
+
     async def _outputs(
-        self, input_ids: list[int], params: GenerationParams, max_new: int
+        self,
+        input_ids: list[int],
+        params: GenerationParams,
+        max_new: int,
+        controls: RowControls | None = None,
     ) -> AsyncGenerator[Any, None]:
-        """Outputs for one sequence: solo if the engine is idle, else from the manager."""
+        """Outputs for one sequence: solo if the engine is idle, else from the manager
+        (always, for a sequence with controls: plain ``generate`` has no hook for them)."""
         # Sampled n > 1 runs its sequences side by side: the manager is the place for them.
         candidate = (
             SoloRun(input_ids, params, max_new, self._stop_ids(params), asyncio.get_running_loop())
-            if params.greedy or params.n == 1
+            if (params.greedy or params.n == 1) and controls is None
             else None
         )
         with self._admitted(candidate) as solo:
             if solo is not None:
                 outputs = self._solo_runner.outputs(solo)
             else:
-                outputs = self._manager_outputs(input_ids, params, max_new)
+                outputs = self._manager_outputs(input_ids, params, max_new, controls)
             async with aclosing(outputs):
                 async for output in outputs:
                     yield output
@@ -258,7 +320,11 @@ class ContinuousBatchingEngine:
                     self._solo = None
 
     async def _manager_outputs(
-        self, input_ids: list[int], params: GenerationParams, max_new: int
+        self,
+        input_ids: list[int],
+        params: GenerationParams,
+        max_new: int,
+        controls: RowControls | None = None,
     ) -> AsyncGenerator[Any, None]:
         """The manager's outputs for one request; leaving early cancels it in the manager."""
         request_id = f"tfx-{uuid.uuid4().hex}"
@@ -266,7 +332,7 @@ class ContinuousBatchingEngine:
         finished = False
         try:
             sink = (asyncio.get_running_loop(), outputs)
-            self._submit(request_id, input_ids, params, max_new, sink)
+            self._submit(request_id, input_ids, params, max_new, sink, controls=controls)
             while not finished:
                 output = await outputs.get()
                 raise_if_failed(output)
@@ -282,17 +348,28 @@ class ContinuousBatchingEngine:
         params: GenerationParams,
         max_new: int,
         sink: OutputSink,
+        *,
+        controls: RowControls | None = None,
     ) -> None:
-        """Add a request to the manager; its outputs go to ``sink``."""
+        """Add a request to the manager; its outputs go to ``sink``. A request with
+        ``controls`` is decoded by the control processor (neutral warpers: it warps)."""
         with self._sinks_lock:
             self._sinks[request_id] = sink
+        eos: int | list[int] = -1 if params.ignore_eos else sorted(self._eos_ids)
+        sampling = self._sampling_kwargs(params)
+        if controls is not None and self._controls is not None:
+            self._controls.register(request_id, controls)
+            if not self.settings.greedy_only:
+                sampling = self._neutral_sampling
+            if params.ignore_eos and controls.matcher is not None:
+                eos = [self._end_token_id]  # a complete grammar ends the sequence anyway
         accepted = self._manager.add_request(
             input_ids,
             request_id=request_id,
             max_new_tokens=max_new,
             streaming=True,
-            eos_token_id=-1 if params.ignore_eos else sorted(self._eos_ids),
-            **self._sampling_kwargs(params),
+            eos_token_id=eos,
+            **sampling,
         )
         if accepted is None:
             raise EngineError("The generation loop is not accepting requests.")
@@ -302,16 +379,27 @@ class ContinuousBatchingEngine:
             self._sinks.pop(request_id, None)
         if cancel:
             self._manager.cancel_request(request_id)
+        if self._controls is not None:
+            self._controls.forget(request_id)
 
     def _needs_fallback(self, params: GenerationParams) -> bool:
-        """Per-request settings this manager cannot apply."""
+        """Per-request settings this manager cannot apply (controls: only without the hook)."""
+        hooked = getattr(self, "_controls", None) is not None  # None too before __init__ sets it
         unsupported = (
             params.seed is not None
             or params.repetition_penalty is not None
-            or params.constraint is not None
-            or params.logprobs is not None
+            or (not hooked and _is_controlled(params))
         )
         return unsupported or (self.settings.greedy_only and not params.greedy)
+
+    @property
+    def _neutral_sampling(self) -> dict[str, Any]:
+        return {"temperature": 1.0, "top_k": self._vocab_size, "top_p": 1.0}
+
+    @property
+    def _end_token_id(self) -> int:
+        """What a sequence whose grammar is complete is given (as ``TextGenerator``)."""
+        return _end_token_id(self.generator)
 
     def _sampling_kwargs(self, params: GenerationParams) -> dict[str, Any]:
         if self.settings.greedy_only:
@@ -437,10 +525,26 @@ def kv_cache_blocks(settings: EngineSettings, context_window: int) -> int:
     return math.ceil(tokens / _PAGE_SIZE)
 
 
-def _start_manager(generator: TextGenerator, settings: EngineSettings) -> Any:
+def _is_controlled(params: GenerationParams) -> bool:
+    """Whether a request needs the control processor (a grammar, or logprobs)."""
+    return params.constraint is not None or params.logprobs is not None
+
+
+def _end_token_id(generator: TextGenerator) -> int:
+    """The token that ends a sequence whose grammar is complete (``TextGenerator``'s rule)."""
+    eos = generator.tokenizer.eos_token_id
+    stops = generator.stop_token_ids
+    return int(eos) if eos in stops or not stops else min(stops)
+
+
+def _start_manager(
+    generator: TextGenerator, settings: EngineSettings
+) -> tuple[Any, ControlRegistry | None]:
+    """The started manager, and the registry of its control hook (None: not installed)."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     model = generator.model
+    vocab_size = int(model.config.get_text_config().vocab_size)
     common = {
         "max_new_tokens": generator.default_max_tokens,
         "eos_token_id": sorted(generator.stop_token_ids) or -1,
@@ -476,5 +580,75 @@ def _start_manager(generator: TextGenerator, settings: EngineSettings) -> Any:
         settings.max_batch_size,
     )
     manager.warmup()
+    registry = install_controls(
+        manager,
+        eos_token_id=_end_token_id(generator),
+        mask_width=lambda: generator.grammars.vocab_size,
+    )
     manager.start()
-    return manager
+    if registry is not None:
+        check_sampling = (
+            {} if settings.greedy_only else {"temperature": 1.0, "top_k": vocab_size, "top_p": 1.0}
+        )
+        probe = generator.encode("Hello", add_special_tokens=True)
+        if not self_check(manager, registry, probe, check_sampling):
+            manager.stop(block=True, timeout=10)
+            uninstall_controls(manager, registry)
+            registry = None
+            manager.start()
+    return manager, registry
+
+
+class _LogprobDeltas:
+    """A sequence's text deltas with its tokens' logprobs, from the manager's growing token
+    lists (what ``TextGenerator`` streams from ``generate``): each token's logprob goes with
+    the delta that completes its text; none for an end-of-sequence token, none past a stop
+    string's cut."""
+
+    def __init__(
+        self,
+        generator: TextGenerator,
+        controls: RowControls,
+        text_stream: StopStringStream,
+        ends: set[int],
+    ) -> None:
+        self._vocab = generator.vocab_bytes
+        self._records = controls.records
+        self._texts = TokenTexts(generator.tokenizer)
+        self._text_stream = text_stream
+        self._ends = ends
+        self._pending: list[int] = []  # tokens whose logprobs are not sent yet
+
+    def feed(self, tokens: list[int], *, final: bool) -> list[StreamDelta]:
+        """The deltas of the tokens not seen yet (all tokens so far in ``tokens``)."""
+        texts, text_stream = self._texts, self._text_stream
+        deltas = []
+        for token in tokens[len(texts.ids) :]:
+            index = len(texts.ids)
+            if token not in self._ends and index < len(self._records):
+                self._pending.append(index)
+            piece = text_stream.push(texts.push(token))
+            logprobs = self._release(lambda i: texts.spans[i][1] <= text_stream.sent)
+            if piece or logprobs:
+                deltas.append(StreamDelta(piece, logprobs=logprobs))
+            if text_stream.stopped:
+                break
+        if final or text_stream.stopped:
+            deltas.extend(self._finish())
+        return deltas
+
+    def _finish(self) -> list[StreamDelta]:
+        text_stream = self._text_stream
+        piece = "" if text_stream.stopped else text_stream.push(self._texts.flush())
+        piece += text_stream.finish()
+        cut = text_stream.sent if text_stream.stopped else None
+        self._pending[:] = [i for i in self._pending if kept_before_cut(self._texts.spans[i], cut)]
+        logprobs = self._release(lambda i: True)
+        return [StreamDelta(piece, logprobs=logprobs)] if piece or logprobs else []
+
+    def _release(self, ready: Callable[[int], bool]) -> tuple[TokenLogprob, ...]:
+        pending = self._pending
+        count = next((n for n, i in enumerate(pending) if not ready(i)), len(pending))
+        sent, pending[:] = pending[:count], pending[count:]
+        spans = self._texts.spans
+        return tuple(resolve(self._records[i], spans[i], self._vocab) for i in sent)
