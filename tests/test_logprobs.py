@@ -300,7 +300,7 @@ def test_requests_turn_logprobs_into_generation_params():
 # -- engines --------------------------------------------------------------------------------
 
 
-def test_the_continuous_engine_sends_logprob_requests_to_the_micro_batcher():
+def test_without_the_cb_hook_logprob_requests_go_to_the_micro_batcher():
     needs_fallback = ContinuousBatchingEngine._needs_fallback
     engine: Any = type("Engine", (), {"settings": EngineSettings()})()
     assert needs_fallback(engine, GenerationParams(temperature=0, logprobs=0))
