@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,3 +96,41 @@ def test_serve_chat_bad_request_is_a_400(served_chat_url: str):
     response = requests.post(f"{served_chat_url}/invocations", json=body, timeout=60)
     assert response.status_code == 400
     assert "max_tokens" in response.json()["message"]
+
+
+def test_serve_chat_passes_response_format_tools_and_logprobs_through(served_chat_url: str):
+    """The chat signature declares them, so MLflow's scoring server hands them to the flavor."""
+    pick = {
+        "type": "object",
+        "properties": {"k": {"enum": ["a", "b"]}},
+        "required": ["k"],
+        "additionalProperties": False,
+    }
+    tool = {"type": "function", "function": {"name": "pick", "parameters": pick}}
+    ask = {"messages": [{"role": "user", "content": "Pick."}], "temperature": 0, "max_tokens": 30}
+    bodies = {
+        "json": {
+            **ask,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "p", "schema": pick},
+            },
+        },
+        "tool": {
+            **ask,
+            "tools": [tool],
+            "tool_choice": {"type": "function", "function": {"name": "pick"}},
+        },
+        "logprobs": {**ask, "logprobs": True, "top_logprobs": 2},
+    }
+    answers = {}
+    for kind, body in bodies.items():
+        response = requests.post(f"{served_chat_url}/invocations", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        answers[kind] = response.json()["choices"][0]
+
+    assert json.loads(answers["json"]["message"]["content"]) in ({"k": "a"}, {"k": "b"})
+    [call] = answers["tool"]["message"]["tool_calls"]
+    assert call["function"]["name"] == "pick"
+    assert json.loads(call["function"]["arguments"]) in ({"k": "a"}, {"k": "b"})
+    assert len(answers["logprobs"]["logprobs"]["content"]) > 0
