@@ -84,7 +84,21 @@ class OpenAIModel(BaseModel):
 
 class FunctionCall(BaseModel):
     name: str
-    arguments: str  # JSON text, as OpenAI sends it
+    #: JSON text, as OpenAI sends it; in an answer cut short by ``max_tokens``, a prefix of it
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """A tool call in an answer."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class HistoryFunctionCall(FunctionCall):
+    """A function call in the history: its arguments must be a JSON object, which chat
+    templates receive as a dict."""
 
     @field_validator("arguments")
     @classmethod
@@ -98,12 +112,10 @@ class FunctionCall(BaseModel):
         return value
 
 
-class ToolCall(BaseModel):
-    """A tool call: in an assistant message of the history, and in an answer."""
+class HistoryToolCall(ToolCall):
+    """A tool call of an assistant message in the history."""
 
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
+    function: HistoryFunctionCall
 
 
 class FunctionDefinition(BaseModel):
@@ -137,7 +149,7 @@ class ChatMessage(OpenAIModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[HistoryToolCall] | None = None
 
     @field_validator("content", mode="before")
     @classmethod

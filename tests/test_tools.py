@@ -546,6 +546,27 @@ def test_auto_parses_the_models_format(
     assert all(call["id"].startswith("call_") for call in streamed)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '<tool_call>{"name": "add", "arguments": "a=1"}</tool_call>',  # not JSON
+        '<tool_call>{"name": "add", "arguments": [1, 2]}</tool_call>',  # not an object
+    ],
+)
+def test_auto_arguments_that_are_not_a_json_object_stay_content(tool_tokenizer: Any, text: str):
+    [choice] = _adapter(tool_tokenizer, text).predict({"messages": ASK, "tools": TOOLS})["choices"]
+    assert choice["message"] == {"role": "assistant", "content": text, "tool_calls": None}
+
+
+def test_a_named_call_cut_short_answers_its_partial_arguments(predictor: Any):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    choice = _answer(predictor, tool_choice=named, temperature=0, max_tokens=3)
+    [call] = choice["message"]["tool_calls"]
+    assert choice["finish_reason"] == "length"  # as OpenAI answers it: a prefix of the JSON
+    assert call["function"]["name"] == "get_weather"
+    assert call["function"]["arguments"].startswith("{")
+
+
 def test_auto_answers_are_not_parsed_for_tool_choice_none(tool_tokenizer: Any):
     adapter = _adapter(tool_tokenizer, HERMES_ANSWER)
     [choice] = adapter.predict({"messages": ASK, "tools": TOOLS, "tool_choice": "none"})["choices"]

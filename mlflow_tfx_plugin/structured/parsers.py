@@ -243,7 +243,12 @@ def _call_of(value: Any) -> tuple[str, Any] | None:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
-    return value["name"], arguments
+    if isinstance(arguments, str):  # some models write the arguments as JSON text
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    return (value["name"], arguments) if isinstance(arguments, dict) else None
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -318,12 +323,15 @@ class TemplateCallStream:
         except Exception as err:  # any template failure leaves the text as content
             _logger.info("The response template did not parse the answer (%s).", err)
             return [ContentPiece(self._text)] if self._text else []
-        calls = [call.get("function") or call for call in message.get("tool_calls") or []]
+        found = [call.get("function") or call for call in message.get("tool_calls") or []]
+        calls = [_call_of({**call, "arguments": call.get("arguments") or {}}) for call in found]
+        if None in calls:  # a call that does not parse leaves the text as content (vLLM)
+            return [ContentPiece(self._text)] if self._text else []
         events: list[Event] = []
         if message.get("content"):
             events.append(ContentPiece(str(message["content"])))
-        for index, call in enumerate(calls):
-            events += _whole_call(index, str(call.get("name")), call.get("arguments") or {})
+        for index, (name, arguments) in enumerate(call for call in calls if call is not None):
+            events += _whole_call(index, name, arguments)
         return events
 
 
