@@ -9,6 +9,7 @@ defaults are 10 s and 30 s). Request validation is tested on the protocol models
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -406,3 +407,31 @@ def test_fields_that_would_change_the_answer_are_rejected_by_name(
 )
 def test_fields_that_cannot_change_the_answer_are_ignored(fields: dict[str, Any]):
     assert parse_request(ChatCompletionRequest, {**_CHAT, **fields}).model_extra == fields
+
+
+# -- a failure after a stream's first byte ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [(RuntimeError("a bug"), 500), (InvalidInputError("bad", param="stop"), 400)],
+)
+def test_any_failure_mid_stream_is_one_error_event_then_done(failure: Exception, status: int):
+    from pydantic import BaseModel
+
+    from mlflow_tfx_plugin.deployments.server import _events
+
+    class Chunk(BaseModel):
+        text: str
+
+    async def chunks() -> Any:
+        yield Chunk(text="first")
+        raise failure
+
+    async def collect() -> list[str]:
+        return [event async for event in _events(chunks())]
+
+    events = asyncio.run(collect())
+    assert events[0] == 'data: {"text":"first"}\n\n' and events[-1] == "data: [DONE]\n\n"
+    [error] = [json.loads(event[len("data: ") :])["error"] for event in events[1:-1]]
+    assert (error["type"] == "server_error") == (status == 500)

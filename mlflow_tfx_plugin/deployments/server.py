@@ -433,8 +433,11 @@ async def _events(chunks: ChunkStream) -> AsyncIterator[str]:
     try:
         async for chunk in chunks:
             yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
-    except (RequestTimeoutError, EngineError) as err:
-        yield api_error(err).event()
+    except Exception as err:  # after the first byte, any failure is one error event
+        error = api_error(err)
+        if error.status >= 500 and not isinstance(err, RequestTimeoutError | EngineError):
+            _logger.error("A stream failed unexpectedly.", exc_info=err)
+        yield error.event()
     finally:
         await chunks.aclose()
     yield "data: [DONE]\n\n"
