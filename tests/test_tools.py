@@ -8,6 +8,7 @@ end to end with a runner whose output is fixed. Streams joined must equal the an
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Iterator
@@ -647,3 +648,12 @@ def test_tool_history_is_rendered_by_the_chat_template(tool_tokenizer: Any):
     assert "Tools: get_weather add" in prompt
     assert "<tool_call>get_weather a=Paris</tool_call>" in prompt, "arguments as an object"
     assert "<|im_start|>tool\nsunny, 21 C id=call_1" in prompt
+
+
+def test_a_chat_template_that_raises_is_a_400_naming_messages(tool_tokenizer: Any):
+    tokenizer = copy.deepcopy(tool_tokenizer)
+    tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    adapter = ChatAdapter(FixedRunner(tokenizer, "x"))
+    with pytest.raises(InvalidInputError, match="roles must alternate") as caught:
+        adapter.predict({"messages": ASK})
+    assert caught.value.param == "messages"

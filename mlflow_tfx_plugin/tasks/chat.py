@@ -138,9 +138,20 @@ class ChatAdapter(GenerativeAdapter):
             )
         messages = history_for_template([message.for_template() for message in request.messages])
         kwargs = {"tools": request.tool_dicts} if request.tools else {}
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False, **kwargs
-        )
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(
+                messages,
+                chat_template=template,
+                add_generation_prompt=True,
+                tokenize=False,
+                **kwargs,
+            )
+        except TemplateError as err:  # raise_exception(...) in the template: roles, tools, ...
+            raise InvalidInputError(
+                f"The model's chat template rejected the messages: {err}", param="messages"
+            ) from err
 
     def response(
         self, request: ChatCompletionRequest, result: Any, prompt: str = ""
