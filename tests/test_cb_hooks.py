@@ -235,3 +235,18 @@ def test_the_hook_stays_out_of_a_loop_it_cannot_run_in(config: dict[str, Any]):
     )
     assert install_controls(manager, eos_token_id=0, mask_width=lambda: 8) is None
     assert processors == [] and manager.logit_processor.do_processing is False
+
+
+def test_rows_out_of_step_with_the_logits_fail_their_requests_and_touch_nothing():
+    import torch
+
+    from mlflow_tfx_plugin.structured.controls import ControlProcessor
+
+    controls = [RowControls(temperature=0.0), None]
+    processor = ControlProcessor(lambda: controls, eos_token_id=0, mask_width=None)
+    scores = torch.randn(3, 11)
+
+    out = processor(torch.zeros((3, 1), dtype=torch.long), scores.clone())
+
+    assert torch.equal(out, scores)
+    assert controls[0] is not None and "2 controlled rows for 3" in str(controls[0].error)

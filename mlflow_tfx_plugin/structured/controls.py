@@ -84,6 +84,13 @@ class ControlProcessor:
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         if self._rows_source is not None:
             self.rows = list(self._rows_source())
+        if len(self.rows) != scores.shape[0]:  # rows and logits out of step: touch nothing
+            for controls in self.rows:
+                if controls is not None and controls.error is None:
+                    controls.error = (
+                        f"{len(self.rows)} controlled rows for {scores.shape[0]} rows of logits"
+                    )
+            return scores
         if self._mask_width is not None and any(
             controls is not None and controls.matcher is not None for controls in self.rows
         ):
