@@ -172,6 +172,24 @@ def test_micro_batcher_batches_concurrent_items_and_isolates_failures():
     assert after == 70
 
 
+def test_a_batch_answering_the_wrong_number_of_results_fails_and_the_batcher_lives_on():
+    def run_batch(items: list[int]) -> list[int]:
+        return [] if 0 in items else [item * 10 for item in items]
+
+    async def run():
+        with ThreadPoolExecutor(max_workers=1) as executor:
+            batcher = MicroBatcher(run_batch, max_batch_size=3, executor=executor, window_s=0.01)
+            bad = await asyncio.gather(batcher.submit(0), return_exceptions=True)
+            after = await asyncio.wait_for(batcher.submit(7), timeout=10)
+            batcher.close()
+            return bad, after
+
+    bad, after = asyncio.run(run())
+
+    assert isinstance(bad[0], RuntimeError) and "0 results for a batch of 1" in str(bad[0])
+    assert after == 70
+
+
 def test_kv_cache_is_sized_from_batch_size_not_memory():
     assert kv_cache_blocks(EngineSettings(max_batch_size=16), 8192) == 8192 // 32  # a window
     assert kv_cache_blocks(EngineSettings(max_batch_size=64), 2048) == 64 * 128 // 32

@@ -92,6 +92,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             results = await loop.run_in_executor(
                 self._executor, self._run_batch, [item for item, _ in batch]
             )
+            if len(results) != len(batch):  # checked here: a zip error would end the worker
+                raise RuntimeError(f"{len(results)} results for a batch of {len(batch)}")
         except Exception as err:  # every caller of this batch gets the error
             for _, future in batch:
                 if not future.done():
