@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, DeploymentConfig
+from mlflow_tfx_plugin.deployments.engine import EngineSettings
 from mlflow_tfx_plugin.deployments.metrics import MetricsMiddleware, ServerMetrics
 from mlflow_tfx_plugin.deployments.payloads import (
     CHAT_ROUTE,
@@ -325,7 +326,11 @@ async def health(request: Request) -> JSONResponse:
         status = "failed" if state.load_error else "loading"
         return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
     if not state.serving.model.healthy:
-        down = "the generation loop is down (it restarts up to 3 times a minute); see the log"
+        limits = EngineSettings()  # the restart limits are not -C options
+        down = (
+            f"the generation loop is down (it restarts up to {limits.max_loop_restarts} times "
+            f"in {limits.loop_restart_window_s:g} s); see the log"
+        )
         return JSONResponse({"status": "failed", "error": down}, status_code=503)
     ready = {"status": "ready", "model": state.name, "task": state.serving.model.task}
     return JSONResponse({**ready, "pid": os.getpid()})

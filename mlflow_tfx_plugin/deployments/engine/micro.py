@@ -1,8 +1,8 @@
 """The micro-batching engine: requests collected for a few milliseconds share one ``generate``.
 
 It serves models transformers' continuous-batching manager cannot run, and requests the
-manager cannot express (``seed``, ``repetition_penalty``, ``response_format``,
-``logprobs``). A batch runs one left-padded ``generate`` per group of equal parameters, and
+manager cannot express (``seed``, ``repetition_penalty``; ``response_format`` and
+``logprobs`` too where :mod:`.cb_hooks` is not installed). A batch runs one left-padded ``generate`` per group of equal parameters, and
 a failing group fails only its requests. Grammars and logprobs settings do not split a
 group: each row has its own.
 """
