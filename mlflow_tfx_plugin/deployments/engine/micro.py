@@ -2,9 +2,9 @@
 
 It serves models transformers' continuous-batching manager cannot run, and requests the
 manager cannot express (``seed``, ``repetition_penalty``; ``response_format`` and
-``logprobs`` too where :mod:`.cb_hooks` is not installed). A batch runs one left-padded ``generate`` per group of equal parameters, and
-a failing group fails only its requests. Grammars and logprobs settings do not split a
-group: each row has its own.
+``logprobs`` too where :mod:`.cb_hooks` is not installed). A batch runs one left-padded
+``generate`` per group of equal parameters, and a failing group fails only its requests.
+Grammars and logprobs settings do not split a group: each row has its own.
 """
 
 from __future__ import annotations
