@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import psutil
@@ -33,6 +33,7 @@ class Reply:
 
 
 Sender = Callable[[Messages], Reply]
+ReplyT = TypeVar("ReplyT")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,19 +141,21 @@ def drive(send: Sender, prompts: Sequence[Messages], *, concurrency: int, reques
         The :class:`LevelResult`; ``ttft_p50_s`` is left for a streamed pass to fill in.
     """
     send(prompts[0])
-    replies, wall_s = _fan_out(send, prompts, concurrency=concurrency, requests=requests)
+    replies, wall_s = fan_out(send, prompts, concurrency=concurrency, requests=requests)
     return LevelResult.from_replies(replies, concurrency=concurrency, wall_s=wall_s)
 
 
 def ttft_p50(send: Sender, prompts: Sequence[Messages], *, concurrency: int) -> float:
     """Median time to first token over one wave of ``max(concurrency, 4)`` streamed requests."""
-    replies, _ = _fan_out(send, prompts, concurrency=concurrency, requests=max(concurrency, 4))
+    replies, _ = fan_out(send, prompts, concurrency=concurrency, requests=max(concurrency, 4))
     return float(np.median([r.ttft_s for r in replies if r.ttft_s is not None]))
 
 
-def _fan_out(
-    send: Sender, prompts: Sequence[Messages], *, concurrency: int, requests: int
-) -> tuple[list[Reply], float]:
+def fan_out(
+    send: Callable[[Any], ReplyT], prompts: Sequence[Any], *, concurrency: int, requests: int
+) -> tuple[list[ReplyT], float]:
+    """``requests`` calls of ``send`` (cycling through ``prompts``) from ``concurrency``
+    threads; returns the replies in order and the wall seconds."""
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         replies = list(pool.map(send, (prompts[i % len(prompts)] for i in range(requests))))

@@ -39,13 +39,11 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +54,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import serve  # noqa: E402  (checkpoints and questions shared with the serving benchmark)
+from _serving import fan_out  # noqa: E402
 from _shared import servers  # noqa: E402
 
 CONTENDERS = ("plain", "json_schema", "logprobs")
@@ -162,14 +161,7 @@ def save_chat_model(checkpoint: Path, target: Path, env: dict[str, str]) -> None
         "import sys, mlflow_tfx_plugin as tfx;"
         "tfx.save_model(sys.argv[1], sys.argv[2], task='llm/v1/chat')"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(checkpoint), str(target)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"saving the model failed:\n{proc.stderr[-3000:]}")
+    serve._run_python(code, str(checkpoint), str(target), env=env)
 
 
 @contextmanager
@@ -236,10 +228,8 @@ def run_wave(send: Send, *, concurrency: int, requests: int, offset: int) -> tup
     """``requests`` requests from ``concurrency`` threads, each its own question (a prompt
     sent again would reuse the manager's cached prefix); returns (wall seconds, answers)."""
     prompts = [PROMPTS[(offset + i) % len(PROMPTS)] for i in range(requests)]
-    began = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        answers = list(pool.map(send, prompts))
-    return time.perf_counter() - began, answers
+    answers, wall_s = fan_out(send, prompts, concurrency=concurrency, requests=requests)
+    return wall_s, answers
 
 
 def requests_per_wave(concurrency: int, c1_requests: int) -> int:
