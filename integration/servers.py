@@ -6,14 +6,16 @@ One place for the four servers the integration tests and benchmarks run:
 - :func:`mlflow_server`: ``mlflow server`` (``/health``);
 - :func:`listener_process`: the ``tfx`` target's server process,
   ``python -m mlflow_tfx_plugin.deployments.listener`` (``/health``);
-- :func:`uvicorn_in_thread`: an ASGI app (our server's) on uvicorn in a thread of this process.
+- :func:`uvicorn_in_thread`: an ASGI app (our server's) on uvicorn in a thread of this process;
+- :func:`ray_head`: a local Ray head (``ray start --head``), stopped with all its processes.
 
 :func:`server_process` runs any other command the same way (``transformers serve`` in the
 benchmarks). Every server binds 127.0.0.1. A process server runs in its own session and is
 stopped as a group: SIGTERM, then SIGKILL after ``stop_timeout_s``. A server that exits or
 does not answer in time raises, with the tail of its log.
 
-This module imports the standard library and ``requests`` only: ``benchmarks/_shared.py``
+This module imports the standard library, ``requests`` and ``psutil`` only (``ray_head`` also
+the plugin's process finder): ``benchmarks/_shared.py``
 loads it by path, so it must not depend on pytest or on the test suite.
 """
 
@@ -22,10 +24,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 
 HOST = "127.0.0.1"
@@ -309,3 +314,37 @@ def uvicorn_in_thread(app: Any, *, port: int, startup_timeout_s: float = 120) ->
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def ray_head(tmp_root: Path, *, num_cpus: int = 2) -> Iterator[str]:
+    """A Ray head this test starts on this machine (as a user would, without a token) and
+    stops afterwards, all of its processes; yields its address (127.0.0.1:PORT).
+
+    Its dashboard binds 127.0.0.1; Ray binds its internal ports on the node address (Ray
+    resolves 127.0.0.1 to it on purpose), which only this sandbox can reach.
+    """
+    from mlflow_tfx_plugin.deployments.ray_cluster import LocalHead, head_processes
+
+    port = free_port()
+    temp_dir = Path(tempfile.mkdtemp(prefix="tfxt-ray-", dir="/tmp"))  # short: unix sockets
+    head = LocalHead(address=f"{HOST}:{port}", temp_dir=str(temp_dir), token_path="", started_at="")
+    ray = Path(sys.executable).with_name("ray")
+    command = [
+        str(ray), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
+        yield head.address
+    finally:
+        processes = head_processes(head)
+        for proc in processes:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(processes, timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)

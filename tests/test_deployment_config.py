@@ -41,6 +41,12 @@ VALID = [
     ({}, {"batch_decoding": "auto"}),
     ({"kv_cache_tokens": "4096"}, {"kv_cache_tokens": 4096}),
     ({}, {"kv_cache_tokens": None}),
+    ({}, {"backend": "process"}),
+    ({"backend": "ray", "num_replicas": "2", "num_cpus": "0.5"}, {"num_replicas": 2}),
+    ({"backend": "ray", "max_replicas": "3"}, {"max_replicas": 3, "min_replicas": None}),
+    ({"backend": "ray", "min_replicas": "0", "max_replicas": "2"}, {"min_replicas": 0}),
+    ({"backend": "ray", "ray_address": "10.0.0.5:6379"}, {"ray_address": "10.0.0.5:6379"}),
+    ({"backend": "ray", "num_replicas": ""}, {"num_replicas": None}),
 ]
 
 INVALID = [
@@ -57,6 +63,16 @@ INVALID = [
     ({"max_concurrent_requests": "0"}, "max_concurrent_requests", "below 1"),
     ({"batch_decoding": "fast"}, "batch_decoding", "not a mode"),
     ({"kv_cache_tokens": "0"}, "kv_cache_tokens", "below 1"),
+    ({"backend": "k8s"}, "backend", "not a backend"),
+    ({"num_replicas": "2"}, "num_replicas", "a Ray key without backend=ray"),
+    ({"backend": "process", "ray_address": "h:1"}, "ray_address", "a Ray key on process"),
+    ({"backend": "ray", "num_replicas": "0"}, "num_replicas", "below 1"),
+    ({"backend": "ray", "num_replicas": "2", "max_replicas": "3"}, "num_replicas", "both"),
+    ({"backend": "ray", "min_replicas": "1"}, "max_replicas", "autoscaling without max"),
+    ({"backend": "ray", "target_ongoing_requests": "4"}, "max_replicas", "target without max"),
+    ({"backend": "ray", "min_replicas": "3", "max_replicas": "2"}, "min_replicas", "min > max"),
+    ({"backend": "ray", "num_gpus": "-1"}, "num_gpus", "negative"),
+    ({"backend": "ray", "max_ongoing_requests": "0"}, "max_ongoing_requests", "below 1"),
 ]
 
 

@@ -583,7 +583,7 @@ def test_update_of_unknown_deployment(client: TfxDeploymentClient):
 
 
 def test_bad_config_fails_before_anything_starts(client: TfxDeploymentClient, model_dir: Path):
-    with pytest.raises(InvalidInputError, match="Valid keys: host, port"):
+    with pytest.raises(InvalidInputError, match="Valid keys: backend, host, port"):
         client.create_deployment("chat", str(model_dir), config={"batch": "4"})
     assert client.list_deployments() == []
 

@@ -1,4 +1,4 @@
-"""The deployment server process never imports MLflow or pandas.
+"""The deployment server process never imports MLflow, pandas or Ray.
 
 ``import mlflow`` costs the server about 1.8 s and 100 MB of memory (pandas, pyarrow),
 for nothing it uses. The ``tfx`` target starts the server with
@@ -46,7 +46,7 @@ async def main():
 
 answer, error, rows = asyncio.run(main())
 create_app  # imported for what it imports
-heavy = ("mlflow", "pandas", "pyarrow")
+heavy = ("mlflow", "pandas", "pyarrow", "ray")
 print(json.dumps({
     "loaded": sorted(name for name in heavy if name in sys.modules),
     "answer": answer.choices[0].message.content,

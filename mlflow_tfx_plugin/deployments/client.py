@@ -16,6 +16,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import requests
@@ -112,6 +113,12 @@ class TfxDeploymentClient(BaseDeploymentClient):
                     error_code=RESOURCE_ALREADY_EXISTS,
                 )
             resolved = resolve_model(model_uri)
+            if cfg.backend == "ray":
+                record = _ray().deploy(self.store, name, resolved, cfg)
+                self.store.write(record)
+                if existing is not None and existing.local_model_dir:
+                    self.store.remove_cached_model(existing.local_model_dir)
+                return self._describe(record)
             model_dir = fetch_model(self.store, resolved)
             server, url = _launch(self.store, name, model_dir, cfg)
             record = _new_record(name, resolved, model_dir, cfg, server, url)
@@ -152,6 +159,18 @@ class TfxDeploymentClient(BaseDeploymentClient):
         with self._locked(name), process.sigterm_raises():
             old = self._require(name)
             cfg = _merged_config(old, config or {})
+            if cfg.backend != old.backend:
+                raise InvalidInputError(
+                    f"Deployment {name!r} runs on backend={old.backend}; an update cannot move "
+                    "it to another backend: delete it and create it again.",
+                    param="backend",
+                )
+            if old.backend == "ray":
+                resolved = resolve_model(model_uri) if model_uri else _resolved_of(old)
+                new = _ray().deploy(self.store, name, resolved, cfg, previous=old)
+                new = replace(new, created_at=old.created_at)
+                self.store.write(new)
+                return self._describe(new)
             if model_uri:
                 resolved = resolve_model(model_uri)
                 model_dir = fetch_model(self.store, resolved)
@@ -198,6 +217,9 @@ class TfxDeploymentClient(BaseDeploymentClient):
             except CorruptRecordError as corrupt:
                 self._delete_corrupt(corrupt)
                 return
+            if record.backend == "ray":
+                _ray().delete(self.store, record)
+                return
             if self._is_running(record):
                 say(f"Stopping server pid {record.pid}...")
                 process.stop(record.pid, record.pid_create_time)
@@ -209,9 +231,15 @@ class TfxDeploymentClient(BaseDeploymentClient):
 
     def list_deployments(self, endpoint: str | None = None) -> list[dict[str, Any]]:
         """Every deployment of this target: ``name``, ``status`` ("running", "dead" or
-        "corrupt") and ``url`` each (``get`` shows the whole record)."""
+        "corrupt"; for backend=ray, Serve's application status) and ``url`` each (``get``
+        shows the whole record)."""
         _check_endpoint(endpoint)
-        return [self._summary(entry) for entry in self.store.records()]
+        entries = self.store.records()
+        on_ray = [e for e in entries if isinstance(e, DeploymentRecord) and e.backend == "ray"]
+        rows = [self._summary(entry) for entry in entries if entry not in on_ray]
+        if on_ray:
+            rows += _ray().summaries(self.store, on_ray)
+        return sorted(rows, key=lambda row: row["name"])
 
     def get_deployment(self, name: str, endpoint: str | None = None) -> dict[str, Any]:
         """The record of ``name`` with its live ``status`` ("running" or "dead").
@@ -300,8 +328,10 @@ class TfxDeploymentClient(BaseDeploymentClient):
             )
         return record
 
-    @staticmethod
-    def _is_running(record: DeploymentRecord) -> bool:
+    def _is_running(self, record: DeploymentRecord) -> bool:
+        if record.backend == "ray":
+            live = _ray().describe(self.store, record)["status"]
+            return bool(live in ("running", "deploying", "unhealthy"))
         return process.is_running(record.pid, record.pid_create_time)
 
     def _summary(self, entry: DeploymentRecord | CorruptRecordError) -> dict[str, Any]:
@@ -321,6 +351,8 @@ class TfxDeploymentClient(BaseDeploymentClient):
         self.store.remove(corrupt.name)
 
     def _describe(self, record: DeploymentRecord) -> dict[str, Any]:
+        if record.backend == "ray":
+            return {**_ray().describe(self.store, record), "flavor": FLAVOR}
         return {**record.to_dict(), "status": self._status(record), "flavor": FLAVOR}
 
     def _status(self, record: DeploymentRecord) -> str:
@@ -331,6 +363,8 @@ class TfxDeploymentClient(BaseDeploymentClient):
 
     def _running_record(self, name: str) -> DeploymentRecord:
         record = self._require(name)
+        if record.backend == "ray":  # Serve's proxy answers for it; no process of ours
+            return record
         if not self._is_running(record):
             raise TfxError(
                 f"Deployment {name!r} is not running (pid {record.pid} exited); see log "
@@ -358,15 +392,22 @@ class TfxDeploymentClient(BaseDeploymentClient):
         except UnreachableError as err:
             current = self._running_record(name)  # an update may have moved it
             if current.url == record.url:
+                where = record.log_path or f"`mlflow deployments get -t tfx --name {name}`"
                 raise TfxError(
-                    f"Cannot reach deployment {name!r} at {record.url}: {err}. "
-                    f"See log {record.log_path}.",
+                    f"Cannot reach deployment {name!r} at {record.url}: {err}. See {where}.",
                     error_code=TEMPORARILY_UNAVAILABLE,
                 ) from None
             return send(current.url)
 
 
 # --- shared steps --------------------------------------------------------------------------
+
+
+def _ray() -> ModuleType:
+    """The Ray backend, imported only when a deployment uses it (it loads Ray)."""
+    from mlflow_tfx_plugin.deployments import ray_backend
+
+    return ray_backend
 
 
 def _state_dir_of(target_uri: str) -> Path | None:
@@ -542,6 +583,12 @@ def run_local(
     """
     _check_common(name, flavor, None)
     cfg = parse_config(config)
+    if cfg.backend != "process":
+        raise InvalidInputError(
+            "run-local serves in the foreground with the process backend; for Ray Serve use "
+            "`mlflow deployments create -t tfx -C backend=ray`.",
+            param="backend",
+        )
     store = DeploymentStore()
     model_dir = fetch_model(store, resolve_model(model_uri))
     plan = _plan_server(name, model_dir, cfg)

@@ -6,12 +6,20 @@ converts them, and rejects unknown keys with the list of valid ones.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 from mlflow_tfx_plugin.errors import InvalidInputError
 
@@ -21,6 +29,10 @@ API_KEY_ENV = "MLFLOW_TFX_API_KEY"
 _TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 BatchDecoding = Literal["auto", "mixed", "greedy"]
+Backend = Literal["process", "ray"]
+
+RAY_ONLY = "(backend=ray only) "
+"""How the description of a key that only the Ray backend reads begins."""
 
 
 class DeploymentConfig(BaseModel):
@@ -28,6 +40,11 @@ class DeploymentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    backend: Backend = Field(
+        "process",
+        description="process: one local server process; ray: a Ray Serve application "
+        "(install mlflow-tfx-plugin[ray]).",
+    )
     host: str = Field(
         "127.0.0.1", description="Interface to bind; a non-loopback one requires an api_key."
     )
@@ -67,12 +84,57 @@ class DeploymentConfig(BaseModel):
         "beside it; auto: greedy when the model's temperature (model_config) is 0, else mixed.",
     )
 
+    # -- the Ray backend (validated in _check_backend_keys) --
+    ray_address: str | None = Field(
+        None,
+        description=RAY_ONLY + "Ray cluster address (host:port or ray://...). Default: "
+        "$RAY_ADDRESS, else a running local cluster, else a local head started for you "
+        "and stopped after its last deployment is deleted.",
+    )
+    num_replicas: int | None = Field(
+        None, ge=1, description=RAY_ONLY + "Fixed number of replicas (default: 1)."
+    )
+    min_replicas: int | None = Field(
+        None, ge=0, description=RAY_ONLY + "Autoscaling lower bound (with max_replicas)."
+    )
+    max_replicas: int | None = Field(
+        None, ge=1, description=RAY_ONLY + "Autoscaling upper bound; turns autoscaling on."
+    )
+    target_ongoing_requests: float | None = Field(
+        None,
+        gt=0,
+        description=RAY_ONLY + "Autoscaling target of requests in flight per replica "
+        "(default: max_batch_size).",
+    )
+    upscale_delay_s: float | None = Field(
+        None, ge=0, description=RAY_ONLY + "Seconds of high load before adding a replica."
+    )
+    downscale_delay_s: float | None = Field(
+        None, ge=0, description=RAY_ONLY + "Seconds of low load before removing a replica."
+    )
+    num_cpus: float | None = Field(
+        None, ge=0, description=RAY_ONLY + "CPUs reserved per replica (default: 1)."
+    )
+    num_gpus: float | None = Field(
+        None, ge=0, description=RAY_ONLY + "GPUs reserved per replica (default: 0)."
+    )
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description=RAY_ONLY + "Requests Serve sends one replica at once (default: "
+        "max_concurrent_requests, so the batcher is never starved; Serve's own is 5).",
+    )
+
     @field_validator("torch_dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
         if value is not None and value.removeprefix("torch.") not in _TORCH_DTYPES:
             raise ValueError(f"must be one of {', '.join(_TORCH_DTYPES)}")
         return value.removeprefix("torch.") if value else value
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas is not None
 
     def to_public_dict(self) -> dict[str, Any]:
         """The settings without the API key, safe to store and print."""
@@ -88,8 +150,22 @@ class DeploymentConfig(BaseModel):
         return self.api_key.get_secret_value() if self.api_key else None
 
 
+def key_digest(api_key: str) -> str:
+    """The sha256 hex digest an API key is checked against (servers keep no more)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
 def valid_keys() -> list[str]:
     return list(DeploymentConfig.model_fields)
+
+
+def ray_only_keys() -> list[str]:
+    """The keys only ``backend=ray`` reads (their descriptions start with :data:`RAY_ONLY`)."""
+    return [
+        key
+        for key, info in DeploymentConfig.model_fields.items()
+        if (info.description or "").startswith(RAY_ONLY)
+    ]
 
 
 def parse_config(
@@ -122,7 +198,35 @@ def parse_config(
             param=key or None,
         ) from None
     _require_key_when_exposed(parsed)
+    _check_backend_keys(parsed)
     return parsed
+
+
+def _check_backend_keys(config: DeploymentConfig) -> None:
+    """Ray keys only with backend=ray; a fixed replica count or autoscaling, not both."""
+    given = {key for key in config.model_fields_set if getattr(config, key) is not None}
+    ray_keys = sorted(given & set(ray_only_keys()))
+    if config.backend == "process" and ray_keys:
+        raise InvalidInputError(
+            f"{ray_keys[0]} applies to backend=ray only: add -C backend=ray.", param=ray_keys[0]
+        )
+    autoscaling = sorted(given & {"min_replicas", "max_replicas", "target_ongoing_requests"})
+    if "num_replicas" in given and autoscaling:
+        raise InvalidInputError(
+            f"num_replicas fixes the replica count and {autoscaling[0]} sets autoscaling: "
+            "pass one of them.",
+            param="num_replicas",
+        )
+    if autoscaling and config.max_replicas is None:
+        raise InvalidInputError(
+            f"{autoscaling[0]} needs max_replicas, which turns autoscaling on.",
+            param="max_replicas",
+        )
+    if config.max_replicas is not None and (config.min_replicas or 0) > config.max_replicas:
+        raise InvalidInputError(
+            f"min_replicas={config.min_replicas} is above max_replicas={config.max_replicas}.",
+            param="min_replicas",
+        )
 
 
 def _require_key_when_exposed(config: DeploymentConfig) -> None:

@@ -124,7 +124,8 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        path = _route_path(scope)
+        route = path if path in ROUTES else "other"
         started, status = time.perf_counter(), 500
 
         async def send_and_record(message: Any) -> None:
@@ -138,3 +139,10 @@ class MetricsMiddleware:
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+def _route_path(scope: Any) -> str:
+    """The request path below the app's mount point (Ray Serve mounts it at ``/NAME``)."""
+    path: str = scope["path"]
+    root = scope.get("root_path") or ""
+    return path[len(root) :] if root and path.startswith(root) else path

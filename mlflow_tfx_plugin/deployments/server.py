@@ -36,7 +36,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, DeploymentConfig
+from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, DeploymentConfig, key_digest
 from mlflow_tfx_plugin.deployments.engine import EngineSettings
 from mlflow_tfx_plugin.deployments.metrics import MetricsMiddleware, ServerMetrics
 from mlflow_tfx_plugin.deployments.payloads import (
@@ -195,7 +195,7 @@ class ServerState:
 
     name: str
     config: DeploymentConfig
-    api_key: str | None
+    api_key_sha256: str | None  # only the digest is kept (a Ray replica is given no more)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     serving: OpenAIServing | None = None
     load_error: str | None = None
@@ -220,12 +220,15 @@ def create_app(
     model_dir: Path | None = None,
     served: ServedModel | None = None,
     api_key: str | None = None,
+    api_key_sha256: str | None = None,
     listen_after_load: bool = False,
 ) -> FastAPI:
     """The server app over ``served``, or over ``model_dir`` loaded in the background
     (``/health`` answers 503 until it is ready) or, with ``listen_after_load``, before
-    the app accepts any request."""
-    state = ServerState(name=name, config=config, api_key=api_key)
+    the app accepts any request. Requests must carry ``api_key`` (or the key whose sha256
+    hex digest is ``api_key_sha256``) if one is given."""
+    digest = key_digest(api_key) if api_key is not None else api_key_sha256
+    state = ServerState(name=name, config=config, api_key_sha256=digest)
     state.metrics.watch_queue(lambda: state.serving.model.queue_depth if state.serving else 0)
     state.metrics.watch_engine(lambda: state.serving.model.engine if state.serving else None)
 
@@ -237,11 +240,11 @@ def create_app(
         elif model_dir is not None and listen_after_load:
             # uvicorn listens once this returns: a server sharing its port with the one it
             # replaces (an update) must not take connections before it can answer them.
-            await _load(state, model_dir)
+            await _load(app, model_dir)
             if state.serving is None:
                 raise RuntimeError(f"The model could not be loaded: {state.load_error}")
         elif model_dir is not None:
-            loader = asyncio.create_task(_load(state, model_dir))  # /health says 503 meanwhile
+            loader = asyncio.create_task(_load(app, model_dir))  # /health says 503 meanwhile
         yield
         if loader is not None:
             loader.cancel()
@@ -264,23 +267,18 @@ def create_app(
     return app
 
 
-async def _load(state: ServerState, model_dir: Path) -> None:
-    options = LoadOptions.from_config(state.config)
-    try:
-        started = time.perf_counter()
-        served = await asyncio.to_thread(
-            load_served_model,
-            state.name,
-            model_dir,
-            options,
-            state.metrics.batch_size.observe,
-        )
-        await served.warm_up()
-    except Exception as err:
-        _logger.exception("Loading the model from %s failed", model_dir)
-        state.load_error = f"{type(err).__name__}: {err}"
-        state.stop_server()
-        return
+async def load_model(app: FastAPI, model_dir: Path) -> None:
+    """Load, warm up and serve the model of ``model_dir`` in ``app``; raises if that fails."""
+    state: ServerState = app.state.tfx
+    started = time.perf_counter()
+    served = await asyncio.to_thread(
+        load_served_model,
+        state.name,
+        model_dir,
+        LoadOptions.from_config(state.config),
+        state.metrics.batch_size.observe,
+    )
+    await served.warm_up()
     state.serve(served)
     _logger.info(
         "Model ready in %.1f s: task %s, routes %s",
@@ -288,6 +286,17 @@ async def _load(state: ServerState, model_dir: Path) -> None:
         served.task,
         ", ".join(served.routes) or INVOCATIONS_ROUTE,
     )
+
+
+async def _load(app: FastAPI, model_dir: Path) -> None:
+    """:func:`load_model`, with a failure recorded for ``/health`` and the server stopped."""
+    state: ServerState = app.state.tfx
+    try:
+        await load_model(app, model_dir)
+    except Exception as err:
+        _logger.exception("Loading the model from %s failed", model_dir)
+        state.load_error = f"{type(err).__name__}: {err}"
+        state.stop_server()
 
 
 # -- routes ---------------------------------------------------------------------------------
@@ -299,12 +308,12 @@ def _state(request: Request) -> ServerState:
 
 
 async def authorize(request: Request) -> None:  # async: FastAPI runs sync ones in a thread
-    api_key = _state(request).api_key
-    if api_key is None:
+    expected = _state(request).api_key_sha256
+    if expected is None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(
-        token.strip().encode(), api_key.encode()
+        key_digest(token.strip()), expected
     ):
         raise APIError(
             401,

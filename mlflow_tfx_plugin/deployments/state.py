@@ -97,6 +97,8 @@ class DeploymentRecord:
     updated_at: str = field(default_factory=utc_now)
     status: str = "running"
     flavor: str = "tfx"
+    backend: str = "process"
+    ray_address: str | None = None  # backend=ray: the cluster it was deployed to
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-able data; raises if the config still holds an API key."""
