@@ -2,8 +2,8 @@
 
 ``integration/hub_server.py`` (the local Hugging Face Hub double) and
 ``integration/servers.py`` (start a server, wait until it answers, stop it) import the
-standard library and ``requests`` only: they are support code kept beside the tests, not
-tests. Loading them by path, instead of importing the ``integration`` package, keeps the
+standard library, ``requests`` and ``psutil`` only: they are support code kept beside the
+tests, not tests. Loading them by path, instead of importing the ``integration`` package, keeps the
 benchmarks off pytest and the test suite, and means one copy of each for both.
 
     from _shared import hub_server, servers

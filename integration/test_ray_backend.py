@@ -14,16 +14,14 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import openai
 import psutil
 import pytest
@@ -31,38 +29,24 @@ import requests
 
 import mlflow_tfx_plugin as tfx
 from integration import servers
+from integration.ray_support import (
+    CHAT,
+    ROOT,
+    cli,
+    deployment_env,
+    described,
+    register_chat_models,
+    wait_for,
+)
 from mlflow_tfx_plugin.deployments import TfxDeploymentClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "ray-test-key-not-a-secret"
-CHAT = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8}
 REPLICA = ("-C", "backend=ray", "-C", "num_cpus=0.5", "-C", "max_batch_size=4")
 
 
 # --- fixtures ------------------------------------------------------------------------------
-
-
-def register_chat_models(root: Path) -> str:
-    """A sqlite store with ``chat`` v1 and v2 (tiny GPT-2, llm/v1/chat); its URI."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tiny_models
-
-    checkpoint = tiny_models.build_gpt2(root / "gpt2")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        experiment = mlflow.create_experiment("ray", artifact_location=(root / "a").as_uri())
-        for _ in range(2):
-            with mlflow.start_run(experiment_id=experiment):
-                tfx.log_model(
-                    str(checkpoint), name="model", task="llm/v1/chat", registered_model_name="chat"
-                )
-    finally:
-        mlflow.set_tracking_uri(previous)
-    return uri
 
 
 @pytest.fixture(scope="module")
@@ -78,50 +62,7 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def env(tracking_uri: str, ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    environ = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_TFX_STATE_DIR": str(tmp_path_factory.mktemp("tfx-state")),
-        "MLFLOW_TFX_STARTUP_TIMEOUT": "300",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    for key in ("RAY_ADDRESS", "MLFLOW_TFX_API_KEY", "RAY_AUTH_MODE"):
-        environ.pop(key, None)
-    return environ
-
-
-def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "mlflow", "deployments", *args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
-    if check:
-        assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr[-4000:]}"
-    return result
-
-
-def described(env: dict[str, str], name: str) -> dict[str, Any]:
-    """``get -t tfx`` through the Python client (the CLI prints the same dict)."""
-    client = TfxDeploymentClient(f"tfx:{env['MLFLOW_TFX_STATE_DIR']}")
-    old = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI",)}
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    try:
-        return client.get_deployment(name)
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def wait_for(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+    return deployment_env(tracking_uri, tmp_path_factory.mktemp("tfx-state"))
 
 
 def replica_pids(url: str, *, samples: int = 30) -> set[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -120,6 +122,15 @@ def test_target_help_documents_every_key_with_its_description():
         assert f"mlflow deployments {command} -t tfx" in text
     for env in ("MLFLOW_TFX_API_KEY", "MLFLOW_TFX_STATE_DIR", "MLFLOW_TFX_STARTUP_TIMEOUT"):
         assert env in text
+    assert "RAY_ADDRESS" in text and "Ray backend (-C backend=ray" in text
+
+
+def test_readme_configuration_table_lists_every_key():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Configuration", 1)[1].split("Environment and other settings", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    documented = {key for row in rows for key in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert documented == set(DeploymentConfig.model_fields)
 
 
 # --- predict inputs: what `mlflow deployments predict --input-path` hands over ----------------

@@ -95,7 +95,9 @@ class DeploymentConfig(BaseModel):
         None, ge=1, description=RAY_ONLY + "Fixed number of replicas (default: 1)."
     )
     min_replicas: int | None = Field(
-        None, ge=0, description=RAY_ONLY + "Autoscaling lower bound (with max_replicas)."
+        None,
+        ge=0,
+        description=RAY_ONLY + "Autoscaling lower bound, with max_replicas (default: 1).",
     )
     max_replicas: int | None = Field(
         None, ge=1, description=RAY_ONLY + "Autoscaling upper bound; turns autoscaling on."
@@ -107,10 +109,16 @@ class DeploymentConfig(BaseModel):
         "(default: max_batch_size).",
     )
     upscale_delay_s: float | None = Field(
-        None, ge=0, description=RAY_ONLY + "Seconds of high load before adding a replica."
+        None,
+        ge=0,
+        description=RAY_ONLY + "Seconds of high load before adding a replica (default: "
+        "Serve's, 30).",
     )
     downscale_delay_s: float | None = Field(
-        None, ge=0, description=RAY_ONLY + "Seconds of low load before removing a replica."
+        None,
+        ge=0,
+        description=RAY_ONLY + "Seconds of low load before removing a replica (default: "
+        "Serve's, 600).",
     )
     num_cpus: float | None = Field(
         None, ge=0, description=RAY_ONLY + "CPUs reserved per replica (default: 1)."

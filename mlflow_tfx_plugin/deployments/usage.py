@@ -45,8 +45,9 @@ def _field_text(description: str | None, default: Any) -> str:
 
 _HELP = """\
 The tfx target serves MLflow models of the tfx flavor (Hugging Face transformers) with an
-OpenAI-compatible HTTP server: one local process per deployment, with the routes
-/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /invocations and /health.
+OpenAI-compatible HTTP server, with the routes /v1/chat/completions, /v1/completions,
+/v1/embeddings, /v1/models, /invocations and /health: one local process per deployment,
+or with -C backend=ray a Ray Serve application of one or more replicas (see Ray backend).
 
 Target URI
   tfx          records under ${state_env} (default ~/.mlflow-tfx/deployments)
@@ -72,6 +73,22 @@ Environment
   {state_env}  the state directory (see Target URI).
   {startup_env}  seconds to wait for a new server to load its model and answer
                       /health (default 600). 'timeout' above is the per-request limit.
+  RAY_ADDRESS         the Ray cluster of backend=ray when -C ray_address is not given.
+
+Ray backend (-C backend=ray; pip install "mlflow-tfx-plugin[ray]")
+  mlflow deployments create -t tfx --name chat -m models:/chat/1 -C backend=ray \\
+      -C num_replicas=2            (or -C min_replicas=1 -C max_replicas=4 to autoscale)
+  The deployment is the Serve application 'chat' at http://HOST:PORT/chat, behind Serve's
+  proxy (host/port: the proxy's; every deployment on a cluster shares one proxy). Each
+  replica downloads the model itself: MLFLOW_TRACKING_URI, the registry URI and the
+  storage/Hub credentials of this shell travel in the replicas' runtime environment, so
+  on a multi-node cluster they must point at a tracking server and artifact store every
+  node reaches, and every node needs the plugin installed. The API key travels only as
+  its SHA-256. With no ray_address, $RAY_ADDRESS or running local cluster, create starts
+  a local head with a token of its own (files under the state directory's ray/) and
+  delete stops it with its last deployment; a cluster you started is never stopped.
+  update is Serve's rolling update (it needs room for one more replica) and is rolled
+  back if the new replicas fail; get shows serve_status, replicas and Serve's message.
 
 Commands
   mlflow deployments create -t tfx --name chat -m models:/chat@prod -C max_batch_size=4
@@ -83,7 +100,9 @@ Commands
       The whole record. status is 'running' (it answers /health), 'loading', 'failed'
       (it cannot generate: see its log), 'unreachable', 'dead' (the process exited) or,
       in list, 'corrupt' (the record file is damaged: delete removes it and stops its
-      server when its pid can still be read).
+      server when its pid can still be read). For backend=ray it is Serve's application
+      status: 'running', 'deploying', 'unhealthy', 'failed', 'deleting', 'dead' (no
+      such application on the cluster) or 'unreachable' (the cluster cannot be reached).
   mlflow deployments predict -t tfx --name chat --input-path body.json
       body.json holds an OpenAI request: {{"messages": [...], "max_tokens": 16}} (chat),
       {{"prompt": ["..."]}} (completions), {{"input": ["..."]}} (embeddings); anything else
