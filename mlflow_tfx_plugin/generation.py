@@ -2,8 +2,9 @@
 
 Stop strings use transformers' ``stop_strings`` (matched on decoded text, across token
 boundaries), and the returned text is cut before the first stop string, so it never
-contains one. Streaming holds back any tail that could still become a stop string, so
-the joined stream equals the non-streamed text.
+contains one. Streaming detokenizes incrementally (:mod:`mlflow_tfx_plugin.detokenize`)
+and holds back any tail that could still become a stop string, so the joined stream
+equals the non-streamed text.
 
 A request with ``response_format`` (``params.constraint``) is decoded under its grammar
 (:mod:`mlflow_tfx_plugin.structured`); rows of one batch may each have their own. A request
@@ -21,12 +22,12 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
+from mlflow_tfx_plugin.detokenize import IncrementalDetokenizer
 from mlflow_tfx_plugin.errors import EngineError, InvalidInputError
 from mlflow_tfx_plugin.protocol import DEFAULT_MAX_TOKENS, SAMPLING_EPS, GenerationParams
 from mlflow_tfx_plugin.structured.logprobs import (
     LogprobRecord,
     TokenLogprob,
-    TokenTexts,
     kept_before_cut,
     resolve,
 )
@@ -228,7 +229,7 @@ class TextGenerator:
         Setting ``cancel`` stops generation at the next token (the server sets it when the
         client disconnects).
         """
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteriaList
 
         params = runnable_params(params)
         if params.n != 1:
@@ -241,17 +242,13 @@ class TextGenerator:
             batch, rows = self._controlled(
                 batch, kwargs, params, [grammar], [params.logprobs], per_prompt=1
             )
+        tokens = _TokenQueue()
+        kwargs["streamer"] = tokens
         deltas: Iterator[StreamDelta]
         if rows is not None and rows[0] is not None and rows[0].top_logprobs is not None:
-            tokens = _TokenQueue()
-            kwargs["streamer"] = tokens
             deltas = self._logprob_deltas(tokens, rows[0].records, params)
         else:
-            streamer = TextIteratorStreamer(
-                self.tokenizer, skip_prompt=True, skip_special_tokens=True
-            )
-            kwargs["streamer"] = streamer
-            deltas = _stop_filtered(streamer, params.stop)
+            deltas = _text_deltas(IncrementalDetokenizer(self.tokenizer), tokens, params.stop)
         if cancel is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([cancel_criterion(cancel)])
         holder: dict[str, Any] = {}
@@ -273,7 +270,7 @@ class TextGenerator:
     ) -> Iterator[StreamDelta]:
         """Text deltas, each with the logprobs of the tokens whose text it completes
         (detokenized incrementally, as :meth:`_aligned_logprobs` does)."""
-        texts = TokenTexts(self.tokenizer)
+        texts = IncrementalDetokenizer(self.tokenizer)
         text_stream = StopStringStream(params.stop)
         ends = set() if params.ignore_eos else self.stop_token_ids
         pending: list[int] = []  # tokens whose logprobs are not sent yet
@@ -309,7 +306,7 @@ class TextGenerator:
     ) -> tuple[TokenLogprob, ...]:
         """The records of the tokens whose text is returned: none for an end-of-sequence
         token, none past a stop string's ``cut``."""
-        texts = TokenTexts(self.tokenizer)
+        texts = IncrementalDetokenizer(self.tokenizer)
         for token in token_ids:
             texts.push(token)
         return tuple(
@@ -534,10 +531,12 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 class StopStringStream:
     """Turns growing generated text into deltas that are safe to send.
 
-    The text is cut before the first stop string, and a delta never includes a tail that
-    may still grow into one: it is held back until the text rules it out or ends. Feed
-    it the next piece of text (:meth:`push`) or the whole text so far (:meth:`update`);
-    each returns the new delta, ``""`` if there is none.
+    The text ends at the first stop string it reaches, as generation does, and is cut
+    before it (of stop strings completed by the same piece, the one starting first wins).
+    A delta never includes a tail that may still grow into a stop string: it is held back
+    until the text rules it out or ends. Only
+    that tail is kept (a stop string cannot start in text already sent), so each
+    :meth:`push` costs what its piece and the tail cost, however long the text.
 
     Args:
         stops: the request's stop strings.
@@ -545,36 +544,29 @@ class StopStringStream:
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(stops)
-        self._text = ""
+        self._held = ""  # the text after what was sent
         self._sent = 0
         #: Whether the text reached a stop string (nothing follows it).
         self.stopped = False
 
     def push(self, piece: str) -> str:
-        """The next piece of text, from a streamer that sends whole characters only."""
-        return self._advance(self._text + piece, final=False, stable=None)
-
-    def update(self, text: str, *, final: bool) -> str:
-        """The text so far, decoded from every token: a trailing U+FFFD may be half of a
-        character, held back too unless ``final`` (no more tokens come)."""
-        return self._advance(text, final=final, stable=len(text.rstrip("\ufffd")))
+        """The next piece of text (whole characters); returns the new delta, ``""`` if
+        there is none."""
+        return self._advance(piece, final=False)
 
     def finish(self) -> str:
         """What is left once the text has ended."""
-        return self._advance(self._text, final=True, stable=None)
+        return self._advance("", final=True)
 
-    def _advance(self, text: str, *, final: bool, stable: int | None) -> str:
+    def _advance(self, piece: str, *, final: bool) -> str:
         if self.stopped:
             return ""
-        text, self.stopped = cut_at_stop(text, self._stops)
-        self._text = text
-        end = len(text)
+        held, self.stopped = cut_at_stop(self._held + piece, self._stops)
+        end = len(held)
         if not (final or self.stopped):
-            end -= partial_stop_length(text, self._stops)
-            end = end if stable is None else min(stable, end)
-        if end <= self._sent:
-            return ""
-        delta, self._sent = text[self._sent : end], end
+            end -= partial_stop_length(held, self._stops)
+        delta, self._held = held[:end], held[end:]
+        self._sent += len(delta)
         return delta
 
     @property
@@ -583,17 +575,20 @@ class StopStringStream:
         return self._sent
 
 
-def _stop_filtered(pieces: Iterator[str], stops: Sequence[str]) -> Iterator[StreamDelta]:
-    """Pass text through, holding back any tail that may still grow into a stop string."""
+def _text_deltas(
+    texts: IncrementalDetokenizer, token_ids: Iterable[int], stops: Sequence[str]
+) -> Iterator[StreamDelta]:
+    """The tokens' text, holding back any tail that may still grow into a stop string."""
     text_stream = StopStringStream(stops)
-    for piece in pieces:
-        if delta := text_stream.push(piece):
+    tokens = iter(token_ids)
+    for token in tokens:
+        if delta := text_stream.push(texts.push(token)):
             yield StreamDelta(delta)
         if text_stream.stopped:
-            for _ in pieces:  # drain: generation stops on its own at the stop string
+            for _ in tokens:  # drain: generation stops on its own at the stop string
                 pass
             return
-    if delta := text_stream.finish():
+    if delta := text_stream.push(texts.flush()) + text_stream.finish():
         yield StreamDelta(delta)
 
 

@@ -26,6 +26,7 @@ from mlflow_tfx_plugin.deployments.engine import (
     EngineSettings,
     MicroBatchingEngine,
 )
+from mlflow_tfx_plugin.detokenize import IncrementalDetokenizer
 from mlflow_tfx_plugin.errors import InvalidInputError
 from mlflow_tfx_plugin.generation import Completion, TextGenerator
 from mlflow_tfx_plugin.protocol import (
@@ -35,7 +36,7 @@ from mlflow_tfx_plugin.protocol import (
     parse_request,
 )
 from mlflow_tfx_plugin.structured import ConstraintSpec
-from mlflow_tfx_plugin.structured.logprobs import LOGPROB_FLOOR, TokenTexts, token_text
+from mlflow_tfx_plugin.structured.logprobs import LOGPROB_FLOOR, token_text
 
 HELLO = [{"role": "user", "content": "Say something."}]
 PROMPTS = ["Hello", "Once upon a time", "{"]
@@ -239,7 +240,7 @@ def test_a_character_split_across_tokens_belongs_to_the_token_that_completes_it(
 ):
     tokenizer = gpt2.tokenizer
     ids = tokenizer("é😀 ok")["input_ids"]
-    texts = TokenTexts(tokenizer)
+    texts = IncrementalDetokenizer(tokenizer)
     pieces = [texts.push(token) for token in ids]
     assert "".join(pieces) + texts.flush() == "é😀 ok"
     assert all("\ufffd" not in piece for piece in pieces)

@@ -4,10 +4,10 @@ for the OpenAI wire.
 :class:`~mlflow_tfx_plugin.structured.controls.ControlProcessor` records a
 :class:`LogprobRecord` for every token it picks: the log-softmax of the row's logits after
 the grammar mask and before temperature (so greedy's token is always the top one).
-:class:`TokenTexts` detokenizes incrementally, which gives each token the character span
-its text takes in the output; a token that ends half way through a character takes no
-text, and the next one takes the whole character. With a stop string, the tokens that
-start past the cut are dropped (:func:`kept_before_cut`).
+:class:`~mlflow_tfx_plugin.detokenize.IncrementalDetokenizer` gives each token the
+character span its text takes in the output; a token that ends half way through a
+character takes no text, and the next one takes the whole character. With a stop string,
+the tokens that start past the cut are dropped (:func:`kept_before_cut`).
 """
 
 from __future__ import annotations
@@ -67,50 +67,6 @@ def record(logprobs: Any, token_id: int, top_count: int) -> LogprobRecord:
             if v != -math.inf
         )
     return LogprobRecord(token_id, float(logprobs[token_id]), top)
-
-
-class TokenTexts:
-    """Incremental detokenization (vLLM's prefix and read offsets): the text each new token
-    adds, and so the character span of every token's text.
-
-    Args:
-        tokenizer: the model's tokenizer (special tokens decode to no text).
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self.ids: list[int] = []
-        #: Per token, its (start, end) character offsets in the text so far.
-        self.spans: list[tuple[int, int]] = []
-        self.length = 0
-        self._prefix = 0
-        self._read = 0
-
-    def push(self, token_id: int) -> str:
-        """The text ``token_id`` completes ("" while it ends inside a character)."""
-        self.ids.append(token_id)
-        prefix_text, new_text = self._window()
-        piece = ""
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            piece = new_text[len(prefix_text) :]
-            self._prefix, self._read = self._read, len(self.ids)
-        self.spans.append((self.length, self.length + len(piece)))
-        self.length += len(piece)
-        return piece
-
-    def flush(self) -> str:
-        """The text of a trailing partial character, once no more tokens come."""
-        prefix_text, new_text = self._window()
-        piece = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
-        self._prefix = self._read = len(self.ids)
-        self.length += len(piece)
-        return piece
-
-    def _window(self) -> tuple[str, str]:
-        decode = self._tokenizer.decode
-        prefix_text = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
-        new_text = decode(self.ids[self._prefix :], skip_special_tokens=True)
-        return prefix_text, new_text
 
 
 def kept_before_cut(span: tuple[int, int], cut: int | None) -> bool:

@@ -22,7 +22,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, aclosing, contextmanager, nullcontext
 from typing import Any, cast
@@ -41,6 +41,7 @@ from mlflow_tfx_plugin.deployments.engine.cb_hooks import (
 )
 from mlflow_tfx_plugin.deployments.engine.micro import MicroBatchingEngine
 from mlflow_tfx_plugin.deployments.engine.solo import SoloRun, SoloRunner
+from mlflow_tfx_plugin.detokenize import IncrementalDetokenizer
 from mlflow_tfx_plugin.errors import EngineError, InvalidInputError
 from mlflow_tfx_plugin.generation import (
     Completion,
@@ -53,12 +54,7 @@ from mlflow_tfx_plugin.generation import (
 )
 from mlflow_tfx_plugin.protocol import GenerationParams
 from mlflow_tfx_plugin.structured.controls import RowControls
-from mlflow_tfx_plugin.structured.logprobs import (
-    TokenLogprob,
-    TokenTexts,
-    kept_before_cut,
-    resolve,
-)
+from mlflow_tfx_plugin.structured.logprobs import TokenLogprob, kept_before_cut, resolve
 
 _logger = logging.getLogger(__name__)
 
@@ -226,24 +222,20 @@ class ContinuousBatchingEngine:
             self._tokenize_executor, self._prepare, prompt, params, add_special_tokens
         )
         max_new = self._max_new_tokens(params, len(input_ids))
-        tokenizer = self.generator.tokenizer
         text_stream = StopStringStream(params.stop)
-        aligned = None
+        deltas: _TextDeltas | _LogprobDeltas
         if controls is not None and controls.top_logprobs is not None:
             ends = set() if params.ignore_eos else self._eos_ids
-            aligned = _LogprobDeltas(self.generator, controls, text_stream, ends)
+            deltas = _LogprobDeltas(self.generator, controls, text_stream, ends)
+        else:
+            deltas = _TextDeltas(self.generator, text_stream)
         outputs = self._outputs(input_ids, params, max_new, controls)
         async with aclosing(outputs):
             async for output in outputs:
                 tokens = output.generated_tokens
                 finished = output.is_finished()
-                if aligned is not None:
-                    for delta in aligned.feed(tokens, final=finished):
-                        yield delta
-                else:
-                    text = tokenizer.decode(tokens, skip_special_tokens=True)
-                    if piece := text_stream.update(text, final=finished):
-                        yield StreamDelta(piece)
+                for delta in deltas.feed(tokens, final=finished):
+                    yield delta
                 if text_stream.stopped or finished:
                     if controls is not None and controls.error:
                         raise EngineError(f"Constrained decoding failed: {controls.error}")
@@ -599,6 +591,30 @@ def _start_manager(
     return manager, registry
 
 
+class _TextDeltas:
+    """A sequence's text deltas from the manager's growing token lists, detokenized
+    incrementally: one delta per output at most."""
+
+    def __init__(self, generator: TextGenerator, text_stream: StopStringStream) -> None:
+        self._texts = IncrementalDetokenizer(generator.tokenizer)
+        self._text_stream = text_stream
+
+    def feed(self, tokens: Sequence[int], *, final: bool) -> list[StreamDelta]:
+        """The delta of the tokens not seen yet (all tokens so far in ``tokens``)."""
+        texts, text_stream = self._texts, self._text_stream
+        pieces = []
+        for token in tokens[len(texts.ids) :]:
+            pieces.append(text_stream.push(texts.push(token)))
+            if text_stream.stopped:
+                break
+        if final and not text_stream.stopped:
+            pieces.append(text_stream.push(texts.flush()))
+        if final or text_stream.stopped:
+            pieces.append(text_stream.finish())
+        text = "".join(pieces)
+        return [StreamDelta(text)] if text else []
+
+
 class _LogprobDeltas:
     """A sequence's text deltas with its tokens' logprobs, from the manager's growing token
     lists (what ``TextGenerator`` streams from ``generate``): each token's logprob goes with
@@ -614,12 +630,12 @@ class _LogprobDeltas:
     ) -> None:
         self._vocab = generator.vocab_bytes
         self._records = controls.records
-        self._texts = TokenTexts(generator.tokenizer)
+        self._texts = IncrementalDetokenizer(generator.tokenizer)
         self._text_stream = text_stream
         self._ends = ends
         self._pending: list[int] = []  # tokens whose logprobs are not sent yet
 
-    def feed(self, tokens: list[int], *, final: bool) -> list[StreamDelta]:
+    def feed(self, tokens: Sequence[int], *, final: bool) -> list[StreamDelta]:
         """The deltas of the tokens not seen yet (all tokens so far in ``tokens``)."""
         texts, text_stream = self._texts, self._text_stream
         deltas = []
