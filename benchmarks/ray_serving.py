@@ -16,7 +16,8 @@ Each round visits every contender (the order rotates from round to round) and me
 concurrency 1 (``--requests`` requests, one at a time) and concurrency 16 (32 requests),
 with the workload of ``benchmarks/serve.py``: greedy, 32 new tokens forced. The report
 gives medians over the rounds and ratios to ``process`` at the same concurrency, the time
-``create`` and ``update`` (to a second logged copy of the model) took, and each
+``create`` and ``update`` (to a second logged copy of the model) took, the median time
+of ``GET /v1/models`` (the path to the app without the model: Serve's proxy), and each
 contender's peak RSS (server process, or the sum of its replicas; Ray's own processes
 are not counted). The run starts its own Ray head (``ray start --head``) and stops it.
 """
@@ -59,6 +60,7 @@ class Contender:
     create_s: float = 0.0
     update_s: float = 0.0
     levels: dict[int, list[LevelResult]] = field(default_factory=dict)
+    route_ms: list[float] = field(default_factory=list)  # GET /v1/models p50, per round
     rss: list[PeakRss] = field(default_factory=list)
 
 
@@ -92,7 +94,19 @@ def server_pids(contender: Contender, env: dict[str, str]) -> set[int]:
     return {requests.get(health, timeout=60).json()["pid"] for _ in range(40)}
 
 
+def route_ms(url: str, *, samples: int = 40) -> float:
+    """Median milliseconds of ``GET /v1/models``: the cost of the path to the app, no model."""
+    session = requests.Session()
+    times = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        session.get(f"{url}/v1/models", timeout=60).raise_for_status()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
 def measure(contender: Contender, n_requests: int) -> None:
+    contender.route_ms.append(route_ms(contender.url))
     forced = {"min_tokens": serve.NEW_TOKENS, "ignore_eos": True}
     client = {"model": contender.name, "max_tokens": serve.NEW_TOKENS, "extra_body": forced}
     send = openai_sender(f"{contender.url}/v1", **client)
@@ -117,11 +131,14 @@ def report(runs: list[Contender], heading: str) -> None:
                 f"| {run.name} | {c} | {rate:.1f} ({min(rates):.1f}-{max(rates):.1f}) | "
                 f"{rate / base[c]:.2f}x | {p50:.2f} | {p50 / base_p50[c]:.2f}x |"
             )
-    print("\n| backend | create (s) | update (s) | peak RSS (MB) |")
-    print("|---|---|---|---|")
+    print("\n| backend | GET /v1/models p50 (ms) | create (s) | update (s) | peak RSS (MB) |")
+    print("|---|---|---|---|---|")
     for run in runs:
         rss = sum(r.peak_mb for r in run.rss)
-        print(f"| {run.name} | {run.create_s:.1f} | {run.update_s:.1f} | {rss:.0f} |")
+        route = statistics.median(run.route_ms)
+        print(
+            f"| {run.name} | {route:.1f} | {run.create_s:.1f} | {run.update_s:.1f} | {rss:.0f} |"
+        )
 
 
 def _median(run: Contender, concurrency: int, key: str) -> float:

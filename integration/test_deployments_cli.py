@@ -19,20 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import psutil
 import pytest
 import requests
 
-import mlflow_tfx_plugin as tfx
 from integration import servers
+from integration.deploy_support import register_chat_models
 from mlflow_tfx_plugin.deployments import TfxDeploymentClient
 from mlflow_tfx_plugin.deployments.config import valid_keys
 from mlflow_tfx_plugin.deployments.process import free_port
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
 CHAT_BODY = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 5}
 
 
@@ -40,27 +38,9 @@ CHAT_BODY = {"messages": [{"role": "user", "content": "Hello there"}], "max_toke
 
 
 @pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A sqlite store with ``chat`` v1 and v2 (tiny GPT-2, llm/v1/chat), alias prod -> v1."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tiny_models
-
-    root = tmp_path_factory.mktemp("registry")
-    checkpoint = tiny_models.build_gpt2(root / "gpt2")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        experiment = mlflow.create_experiment("deploy", artifact_location=(root / "a").as_uri())
-        for _ in range(2):
-            with mlflow.start_run(experiment_id=experiment):
-                tfx.log_model(
-                    str(checkpoint), name="model", task="llm/v1/chat", registered_model_name="chat"
-                )
-        mlflow.MlflowClient().set_registered_model_alias("chat", "prod", "1")
-    finally:
-        mlflow.set_tracking_uri(previous)
-    yield uri
+    return register_chat_models(tmp_path_factory.mktemp("registry"), prod_alias=True)
 
 
 @pytest.fixture(scope="module")

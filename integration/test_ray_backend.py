@@ -29,7 +29,7 @@ import requests
 
 import mlflow_tfx_plugin as tfx
 from integration import servers
-from integration.ray_support import (
+from integration.deploy_support import (
     CHAT,
     ROOT,
     cli,

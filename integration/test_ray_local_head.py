@@ -19,7 +19,7 @@ import psutil
 import pytest
 import requests
 
-from integration.ray_support import CHAT, cli, deployment_env, described, register_chat_models
+from integration.deploy_support import CHAT, cli, deployment_env, described, register_chat_models
 from mlflow_tfx_plugin.deployments import ray_cluster
 from mlflow_tfx_plugin.deployments.state import DeploymentStore
 

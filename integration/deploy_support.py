@@ -1,4 +1,5 @@
-"""What the Ray backend's integration tests share: a registry of chat models, the CLI, waits."""
+"""What the deployment target's integration tests share: a registry of chat models, the CLI,
+waits."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHAT = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8}
 
 
-def register_chat_models(root: Path) -> str:
-    """A sqlite store with ``chat`` v1 and v2 (tiny GPT-2, llm/v1/chat); its URI."""
+def register_chat_models(root: Path, *, prod_alias: bool = False) -> str:
+    """A sqlite store under ``root`` with ``chat`` v1 and v2 (tiny GPT-2, llm/v1/chat), and
+    with ``prod_alias`` the alias prod -> v1; its URI."""
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny_models
 
@@ -29,12 +31,14 @@ def register_chat_models(root: Path) -> str:
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        experiment = mlflow.create_experiment("ray", artifact_location=(root / "a").as_uri())
+        experiment = mlflow.create_experiment("chat", artifact_location=(root / "a").as_uri())
         for _ in range(2):
             with mlflow.start_run(experiment_id=experiment):
                 tfx.log_model(
                     str(checkpoint), name="model", task="llm/v1/chat", registered_model_name="chat"
                 )
+        if prod_alias:
+            mlflow.MlflowClient().set_registered_model_alias("chat", "prod", "1")
     finally:
         mlflow.set_tracking_uri(previous)
     return uri
