@@ -321,8 +321,8 @@ def ray_head(tmp_root: Path, *, num_cpus: int = 2) -> Iterator[str]:
     """A Ray head this test starts on this machine (as a user would, without a token) and
     stops afterwards, all of its processes; yields its address (127.0.0.1:PORT).
 
-    Its dashboard binds 127.0.0.1; Ray binds its internal ports on the node address (Ray
-    resolves 127.0.0.1 to it on purpose), which only this sandbox can reach.
+    Its dashboard binds 127.0.0.1; Ray's internal ports listen on every interface (Ray
+    offers no loopback-only mode), which only this sandbox can reach.
     """
     from mlflow_tfx_plugin.deployments.ray_cluster import LocalHead, head_processes
 

@@ -30,7 +30,9 @@ REPLICA = ("-C", "backend=ray", "-C", "num_cpus=0.5", "-C", "max_batch_size=4")
 
 def running_raylets() -> list[int]:
     found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        if proc.info.get("status") == psutil.STATUS_ZOMBIE:  # dead, not yet reaped
+            continue
         args = " ".join(proc.info.get("cmdline") or [])
         if proc.info.get("name") == "raylet" or "/raylet " in args:
             found.append(proc.pid)

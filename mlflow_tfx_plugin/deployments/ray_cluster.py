@@ -4,8 +4,8 @@
 else ``$RAY_ADDRESS``, else the local head this plugin started earlier, else any running
 local cluster, else (for ``create``) a new local head. A head we start is recorded in the
 state directory (``ray/head.json``) with a token of its own (``ray/head.token``, mode 600):
-Ray binds its internal ports on the node's address, not on loopback, so the head runs with
-Ray's token authentication and nobody without the token can use it.
+Ray's internal ports listen on every interface whatever address it is given, so the head
+runs with Ray's token authentication and nobody without the token can use it.
 :func:`stop_head_if_unused` stops that head once no deployment is left on it; a cluster we
 did not start is never stopped.
 
