@@ -20,7 +20,7 @@ from mlflow_tfx_plugin.checkpoint import (
     PICKLE_WEIGHT_SUFFIXES,
     SAFETENSORS_SUFFIX,
     WeightEntry,
-    sha256_of,
+    hash_files,
 )
 from mlflow_tfx_plugin.errors import (
     HubError,
@@ -139,23 +139,49 @@ def download_files(
 ) -> Path:
     """Download (or reuse from the cache) files of a pinned repo; returns the snapshot dir.
 
-    When the Hub endpoint does not answer, the local HF cache is used at once: huggingface_hub
-    would retry the connection for about 25 s before falling back to it.
+    A snapshot the local HF cache holds completely (its cached file listing says so) is
+    used without contacting the Hub: a commit's files never change. When the Hub endpoint
+    does not answer, the local HF cache is used at once: huggingface_hub would retry the
+    connection for about 25 s before falling back to it.
     """
     from huggingface_hub import snapshot_download
 
+    patterns = {
+        "allow_patterns": list(allow) if allow else None,
+        "ignore_patterns": list(ignore) if ignore else None,
+    }
+    if cached := _complete_cached_snapshot(reference, patterns):
+        return cached
     unreachable = unreachable_endpoint()
     try:
         path = snapshot_download(
             reference.repo_id,
             revision=reference.commit,
-            allow_patterns=list(allow) if allow else None,
-            ignore_patterns=list(ignore) if ignore else None,
             local_files_only=unreachable is not None,
+            **patterns,
         )
     except Exception as err:
         reason = f"{unreachable}, and the local HF cache does not hold it" if unreachable else err
         raise HubError(f"Downloading {reference} failed: {reason}.", fix=HELP) from err
+    return Path(path)
+
+
+def _complete_cached_snapshot(
+    reference: HubReference, patterns: dict[str, list[str] | None]
+) -> Path | None:
+    """The cached snapshot if the cache has the commit's file listing and every file in it
+    that ``patterns`` select; None otherwise (or with a huggingface_hub too old to tell)."""
+    try:
+        from huggingface_hub import get_cached_repo_tree, snapshot_download
+
+        get_cached_repo_tree(reference.repo_id, revision=reference.commit)  # raises if unknown
+        # With the listing cached, huggingface_hub refuses an incomplete snapshot folder.
+        path = snapshot_download(
+            reference.repo_id, revision=reference.commit, local_files_only=True, **patterns
+        )
+    except Exception as err:  # not cached, partly cached, or no get_cached_repo_tree
+        _logger.debug("%s is not complete in the local HF cache (%s).", reference, err)
+        return None
     return Path(path)
 
 
@@ -190,25 +216,56 @@ def weight_manifest(reference: HubReference) -> list[WeightEntry]:
         return _manifest_from_cache(reference)
 
 
-def verify_files(directory: Path, expected: Iterable[WeightEntry]) -> list[WeightEntry]:
-    """Hash every expected file in ``directory``; raise on a missing file or a mismatch."""
-    checked = []
-    for entry in expected:
+def verify_files(
+    directory: Path, expected: Iterable[WeightEntry], *, reference: HubReference | None = None
+) -> list[WeightEntry]:
+    """Check every expected file in ``directory``: present, of the recorded size, then of
+    the recorded sha256 (hashed in parallel threads).
+
+    Args:
+        directory: the downloaded snapshot.
+        expected: the recorded manifest.
+        reference: the snapshot's repo and commit, named in the error's fix.
+
+    Returns:
+        The manifest of what was checked, in ``expected``'s order.
+
+    Raises:
+        IntegrityError: a file is missing or differs; the first such file in
+            ``expected``'s order is named. Sizes are checked before any file is hashed.
+    """
+    entries = list(expected)
+    for entry in entries:
         path = directory / entry.path
         if not path.is_file():
             raise IntegrityError(
-                f"Weight file '{entry.path}' is missing from the download of the snapshot."
+                f"Weight file '{entry.path}' is missing from the download of the snapshot. "
+                f"{_refetch_help(entry.path, reference)}"
             )
-        digest = sha256_of(path)
-        if digest != entry.sha256:
+        if (size := path.stat().st_size) != entry.size:
             raise IntegrityError(
-                f"'{entry.path}' has sha256 {digest}, but {entry.sha256} was recorded: the "
-                "download is corrupt or the repo was rewritten. Nothing was persisted; retry, "
-                "after removing the cached copy (`hf cache rm model/<repo_id>`) or fetching it "
-                f"again (`hf download <repo_id> {entry.path} --force-download`)."
+                f"'{entry.path}' has {size} bytes, but {entry.size} were recorded: the download "
+                f"is incomplete or the repo was rewritten. {_refetch_help(entry.path, reference)}"
             )
-        checked.append(WeightEntry(path=entry.path, size=path.stat().st_size, sha256=digest))
+    checked = hash_files(directory, [entry.path for entry in entries])
+    for entry, found in zip(entries, checked, strict=True):
+        if found.sha256 != entry.sha256:
+            raise IntegrityError(
+                f"'{entry.path}' has sha256 {found.sha256}, but {entry.sha256} was recorded: "
+                "the download is corrupt or the repo was rewritten. "
+                f"{_refetch_help(entry.path, reference)}"
+            )
     return checked
+
+
+def _refetch_help(file: str, reference: HubReference | None) -> str:
+    repo = reference.repo_id if reference else "<repo_id>"
+    revision = f" --revision {reference.commit}" if reference else ""
+    return (
+        "Nothing was persisted; retry, after removing the cached copy "
+        f"(`hf cache rm model/{repo}`) or fetching it again "
+        f"(`hf download {repo} {file}{revision} --force-download`)."
+    )
 
 
 def load_error(reference: HubReference, err: Exception) -> ModelNotFoundError:

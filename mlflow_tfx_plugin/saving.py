@@ -3,8 +3,9 @@
 :func:`save` runs a save from start to end: :func:`resolve_source` validates the input
 (pipeline, component dict, checkpoint path or Hub repo id) and the task before anything is
 written; :func:`write_model_files` writes the checkpoint directory and returns the weights
-manifest; then come the signature and input example, MLmodel and the environment files.
-A failure after writing started removes the directory.
+manifest, still being hashed in worker threads while the environment files, signature and
+input example are written; MLmodel comes last. A failure after writing started removes the
+directory.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from mlflow_tfx_plugin.checkpoint import (
     ADAPTER_CONFIG,
     TOKENIZER_FILES,
     CheckpointInfo,
+    PendingManifest,
     WeightEntry,
     checked_base_model_path,
-    copy_checkpoint,
-    hash_weight_files,
     inspect_checkpoint,
     is_weight_file,
+    start_copy_checkpoint,
+    start_hash_weight_files,
 )
 from mlflow_tfx_plugin.errors import CheckpointError, InvalidInputError, UnsupportedTaskError
 from mlflow_tfx_plugin.flavor_config import (
@@ -307,24 +309,29 @@ def _as_reference(source: ModelSource, checkpoint_path: Path | None) -> ModelSou
 
 def write_model_files(
     source: ModelSource, path: Path, *, hardlink: bool, convert_pickle_weights: bool
-) -> list[WeightEntry]:
-    """Write ``model/`` (and ``peft/``, ``components/``); return the weights manifest."""
+) -> PendingManifest:
+    """Write ``model/`` (and ``peft/``, ``components/``); the weights manifest comes from
+    the returned handle, whose threads may still be copying and hashing weight files."""
     model_dir = path / MODEL_DIR
     if source.reference is not None:
-        weights = _write_reference_files(source, path)
+        pending = PendingManifest(ready=_write_reference_files(source, path))
     elif source.local_base_model_path is not None:
-        weights = _write_adapter_only(source, path)
+        pending = PendingManifest(ready=_write_adapter_only(source, path))
     elif source.checkpoint is not None:
-        weights = copy_checkpoint(
+        pending = start_copy_checkpoint(
             source.checkpoint,
             model_dir,
             hardlink=hardlink,
             convert_pickle_weights=convert_pickle_weights,
         )
     else:
-        weights = _save_memory_components(source.components or {}, path)
-    _write_stock_components(model_dir, path / STOCK_COMPONENTS_DIR, source.component_classes)
-    return weights
+        pending = _save_memory_components(source.components or {}, path)
+    try:
+        _write_stock_components(model_dir, path / STOCK_COMPONENTS_DIR, source.component_classes)
+    except BaseException:
+        pending.close()
+        raise
+    return pending
 
 
 def _hub_source(text: str, task: str | None) -> ModelSource:
@@ -482,7 +489,7 @@ def _copy_small_files(source_dir: Path, model_dir: Path) -> None:
             shutil.copyfile(file, target)
 
 
-def _save_memory_components(components: Mapping[str, Any], path: Path) -> list[WeightEntry]:
+def _save_memory_components(components: Mapping[str, Any], path: Path) -> PendingManifest:
     model_dir = path / MODEL_DIR
     model = components[comp.MODEL]
     others = {name: value for name, value in components.items() if name != comp.MODEL}
@@ -493,7 +500,7 @@ def _save_memory_components(components: Mapping[str, Any], path: Path) -> list[W
     else:
         model.save_pretrained(str(model_dir))
     comp.save_components(others, model_dir)
-    return hash_weight_files(model_dir)
+    return start_hash_weight_files(model_dir)
 
 
 def _base_state_dict(base: Any) -> dict[str, Any]:
@@ -536,24 +543,31 @@ def _peft_base_name(model: Any) -> str | None:
 def _write_model(
     source: ModelSource, path: Path, *, mlflow_model: Model, options: SaveOptions
 ) -> None:
-    """Write a validated source: 1. files, 2. signature/example, 3. MLmodel, 4. environment."""
+    """Write a validated source: 1. files, then, while the weights are hashed in worker
+    threads, 2. environment and 3. signature/example; 4. MLmodel, once the manifest is."""
     path.mkdir(parents=True, exist_ok=True)
     code_dir = _compat.validate_and_copy_code_paths(options.code_paths, str(path))
-    weights = write_model_files(
+    with write_model_files(
         source,
         path,
         hardlink=options.hardlink,
         convert_pickle_weights=options.convert_pickle_weights,
-    )
-    write_model_card(source.card_dir, path, options.model_card)
+    ) as pending:
+        write_model_card(source.card_dir, path, options.model_card)
+        # MLflow's requirement check (~0.5 s of Python on a first save) costs no time here.
+        _write_environment(
+            path,
+            source,
+            options.conda_env,
+            options.pip_requirements,
+            options.extra_pip_requirements,
+        )
+        _add_signature_and_example(source, path, mlflow_model, options)
+        weights = pending.result()
     config = source.flavor_config(weights=weights, torch_dtype=options.torch_dtype)
-    _add_signature_and_example(source, path, mlflow_model, options)
     _add_flavors(mlflow_model, config, options, code_dir)
     mlflow_model.model_size_bytes = _directory_size(path)
     mlflow_model.save(str(path / MLMODEL_FILE_NAME))
-    _write_environment(
-        path, source, options.conda_env, options.pip_requirements, options.extra_pip_requirements
-    )
 
 
 def _add_signature_and_example(
