@@ -103,6 +103,7 @@ def test_replicas_get_the_tracking_uri_and_credentials_but_nothing_else():
     assert env_vars["MLFLOW_TRACKING_TOKEN"] == "t0ken"
     assert env_vars["AWS_ACCESS_KEY_ID"] == "AKIA..."
     assert {"HOME", "MLFLOW_TFX_API_KEY", "SOME_OTHER_SECRET"}.isdisjoint(env_vars)
+    assert env_vars["MALLOC_ARENA_MAX"] == "2", "replicas keep two glibc heaps, as servers do"
 
 
 def test_the_api_key_reaches_the_cluster_only_as_a_digest():

@@ -187,6 +187,7 @@ def deployment_options(cfg: DeploymentConfig, environ: Mapping[str, str] | None 
     env_vars = {key: environ[key] for key in FORWARDED_ENV if environ.get(key)}
     env_vars.setdefault("MLFLOW_TRACKING_URI", _tracking_uri())
     env_vars["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no bars in replica logs
+    env_vars["MALLOC_ARENA_MAX"] = environ.get("MALLOC_ARENA_MAX", "2")  # as process.py does
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.max_ongoing_requests or cfg.max_concurrent_requests,
         "ray_actor_options": {
