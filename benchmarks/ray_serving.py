@@ -136,9 +136,7 @@ def report(runs: list[Contender], heading: str) -> None:
     for run in runs:
         rss = sum(r.peak_mb for r in run.rss)
         route = statistics.median(run.route_ms)
-        print(
-            f"| {run.name} | {route:.1f} | {run.create_s:.1f} | {run.update_s:.1f} | {rss:.0f} |"
-        )
+        print(f"| {run.name} | {route:.1f} | {run.create_s:.1f} | {run.update_s:.1f} | {rss:.0f} |")
 
 
 def _median(run: Contender, concurrency: int, key: str) -> float:
