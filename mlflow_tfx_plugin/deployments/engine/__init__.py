@@ -2,7 +2,8 @@
 
 - :mod:`.continuous`: transformers' continuous batching, sequences joining and leaving
   the running batch at every step; a lone request runs alone (:mod:`.solo`) until
-  another arrives.
+  another arrives; :mod:`.cb_sampling` keeps the manager's greedy rows off its
+  vocabulary-wide sorts, :mod:`.cb_hooks` runs grammars and logprobs in it.
 - :mod:`.micro`: requests collected for a few milliseconds share one ``generate``.
 - :mod:`.base`: the :class:`GenerationEngine` protocol and :class:`EngineSettings`.
 

@@ -10,13 +10,14 @@ id; rows without an entry are left untouched. A controlled request is submitted 
 neutral warpers (temperature 1, top-k the whole vocabulary, top-p 1), so the processor does
 its own warping after the mask and leaves a one-hot row that the manager's sampler keeps.
 
-This is the only module that touches those manager internals (checked on transformers
-5.24). :func:`install_controls` checks they are there, and :func:`self_check` runs one short
-request through the hook; when either fails, the engine keeps sending controlled requests
-to micro-batching. The processor runs Python on the host every step, so it needs the
-manager's synchronous IO path and no CUDA graphs: what transformers picks on CPU. Where it
-picks either (CUDA), the hook is not installed, so plain requests keep their speed; turning
-both off for controlled requests there is unmeasured.
+This and :mod:`.cb_sampling` are the only modules that touch the manager's internals
+(checked on transformers 5.24). :func:`install_controls` checks they are there, and
+:func:`self_check` runs one short request through the hook; when either fails, the engine
+keeps sending controlled requests to micro-batching. The processor runs Python on the host
+every step, so it needs the manager's synchronous IO path and no CUDA graphs: what
+transformers picks on CPU. Where it picks either (CUDA), the hook is not installed, so
+plain requests keep their speed; turning both off for controlled requests there is
+unmeasured.
 """
 
 from __future__ import annotations

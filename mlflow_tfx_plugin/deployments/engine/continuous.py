@@ -39,6 +39,7 @@ from mlflow_tfx_plugin.deployments.engine.cb_hooks import (
     self_check,
     uninstall_controls,
 )
+from mlflow_tfx_plugin.deployments.engine.cb_sampling import install_fast_sampling
 from mlflow_tfx_plugin.deployments.engine.micro import MicroBatchingEngine
 from mlflow_tfx_plugin.deployments.engine.solo import SoloRun, SoloRunner
 from mlflow_tfx_plugin.detokenize import IncrementalDetokenizer
@@ -69,13 +70,15 @@ class ContinuousBatchingEngine:
     Every sequence runs in streaming mode inside the manager, so stop strings are matched
     on decoded text as tokens arrive, and a finished or abandoned sequence is cancelled at
     once, freeing its cache pages. Greedy decoding is per-request ``top_k=1`` in a
-    sampling manager, so greedy and sampled requests share one batch.
+    sampling manager, so greedy and sampled requests share one batch (:mod:`.cb_sampling`
+    gives greedy rows their argmax without sorting the vocabulary).
 
     A request alone in the engine runs *solo*: plain ``generate`` (a ``DynamicCache``, as
     :class:`TextGenerator` runs it), with the manager paused (see :mod:`.solo`).
 
     Attributes:
         loop_restarts: restarts of the manager's loop after it died.
+        fast_sampling: whether the manager runs :mod:`.cb_sampling`'s warpers and sampler.
     """
 
     def __init__(self, generator: TextGenerator, settings: EngineSettings) -> None:
@@ -86,7 +89,7 @@ class ContinuousBatchingEngine:
         self._loop_failure_handled = False
         self._pausers = 0  # threads in or waiting for exclusive(): no restart meanwhile
         self._restart_lock = threading.Lock()  # guards the one above, and restarts
-        self._manager, self._controls = _start_manager(generator, settings)
+        self._manager, self._controls, self.fast_sampling = _start_manager(generator, settings)
         self._generate_lock = threading.Lock()  # one plain generate at a time: solo or fallback
         self._fallback = MicroBatchingEngine(
             generator, settings, exclusive=self._exclusive_generate
@@ -531,8 +534,9 @@ def _end_token_id(generator: TextGenerator) -> int:
 
 def _start_manager(
     generator: TextGenerator, settings: EngineSettings
-) -> tuple[Any, ControlRegistry | None]:
-    """The started manager, and the registry of its control hook (None: not installed)."""
+) -> tuple[Any, ControlRegistry | None, bool]:
+    """The started manager, the registry of its control hook (None: not installed), and
+    whether it samples through :mod:`.cb_sampling`."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     model = generator.model
@@ -572,6 +576,7 @@ def _start_manager(
         settings.max_batch_size,
     )
     manager.warmup()
+    fast_sampling = install_fast_sampling(manager)
     registry = install_controls(
         manager,
         eos_token_id=_end_token_id(generator),
@@ -588,7 +593,7 @@ def _start_manager(
             uninstall_controls(manager, registry)
             registry = None
             manager.start()
-    return manager, registry
+    return manager, registry, fast_sampling
 
 
 class _TextDeltas:

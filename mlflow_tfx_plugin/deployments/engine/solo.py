@@ -1,11 +1,13 @@
 """Lone requests: one runs alone through plain ``generate`` until another request arrives.
 
 One sequence gains nothing from batching, and the paged path's many small per-layer ops
-make each step slower: on SmolLM2-135M (CPU) a decode step takes 76 ms in the manager
-and 69 ms in ``generate``, so a lone request took 15% longer than ``generate``. When
-another request arrives, the solo run stops after its current step and hands off: it
-continues in the manager (its prompt and tokens so far as a new request), joining the
-newcomer's first step, and its consumer sees one stream.
+make each step slower: on SmolLM2-135M (CPU, transformers 5.24, ``benchmarks/
+engine_step.py``) a decode step of one sequence takes 61-69 ms in the manager and 59-66
+ms in ``generate`` (66-127 ms in the manager before :mod:`.cb_sampling`), and a lone
+request was served 5-9% slower through the manager than solo. When another request
+arrives, the solo run stops after its current step and hands off: it continues in the
+manager (its prompt and tokens so far as a new request), joining the newcomer's first
+step, and its consumer sees one stream.
 """
 
 from __future__ import annotations
