@@ -3,6 +3,7 @@ waits."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,6 @@ from typing import Any
 import mlflow
 
 import mlflow_tfx_plugin as tfx
-from mlflow_tfx_plugin.deployments import TfxDeploymentClient
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8}
@@ -68,18 +68,20 @@ def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Compl
 
 
 def described(env: dict[str, str], name: str) -> dict[str, Any]:
-    """``get -t tfx`` through the Python client (the CLI prints the same dict)."""
-    client = TfxDeploymentClient(f"tfx:{env['MLFLOW_TFX_STATE_DIR']}")
-    old = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI",)}
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    try:
-        return client.get_deployment(name)
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    """``get -t tfx`` through the Python client (the CLI prints the same dict), in a child
+    process as a user's command would be: Ray reads its auth settings once per process, and
+    the tests talk to clusters with and without a token."""
+    code = (
+        "import json, sys; from mlflow.deployments import get_deploy_client; "
+        "print(json.dumps(get_deploy_client(sys.argv[1]).get_deployment(sys.argv[2]), default=str))"
+    )
+    target = f"tfx:{env['MLFLOW_TFX_STATE_DIR']}"
+    done = subprocess.run(
+        [sys.executable, "-c", code, target, name], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, f"get {name}:\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def wait_for(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
