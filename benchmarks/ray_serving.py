@@ -9,6 +9,7 @@ logged model, ``max_batch_size=16``:
   process   the default backend: one server process (torch's threads: every CPU)
   ray-1     ``-C backend=ray -C num_replicas=1 -C num_cpus=<CPUs>``: the same engine behind
             Serve's proxy
+  ray-1-default  the same with the default ``num_cpus`` (1: one torch thread)
   ray-2     ``-C backend=ray -C num_replicas=2 -C num_cpus=<CPUs/2>``: two replicas sharing
             the machine (Ray gives each ``OMP_NUM_THREADS=num_cpus``)
 
@@ -70,6 +71,7 @@ def contenders(cpus: int) -> list[Contender]:
     return [
         Contender(name="process", config=base),
         Contender(name="ray-1", config={**ray, "num_replicas": 1, "num_cpus": cpus}),
+        Contender(name="ray-1-default", config={**ray, "num_replicas": 1}),
         Contender(name="ray-2", config={**ray, "num_replicas": 2, "num_cpus": cpus / 2}),
     ]
 
@@ -147,6 +149,9 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--only", help="comma-separated contenders (default: all); process is always first"
+    )
     parser.add_argument("--requests", type=int, default=6, help="requests at concurrency 1")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tfx-bench")
     args = parser.parse_args()
@@ -169,6 +174,9 @@ def main() -> None:
         "MLFLOW_TFX_STARTUP_TIMEOUT": "600",
     }
     runs = contenders(cpus)
+    if args.only:
+        wanted = {"process", *args.only.split(",")}
+        runs = [run for run in runs if run.name in wanted]
     load_before = os.getloadavg()[0]
     try:
         with ExitStack() as stack:
