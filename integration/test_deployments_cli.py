@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from integration import servers
-from integration.deploy_support import register_chat_models
+from integration.deploy_support import cli, register_chat_models
 from mlflow_tfx_plugin.deployments import TfxDeploymentClient
 from mlflow_tfx_plugin.deployments.config import valid_keys
 from mlflow_tfx_plugin.deployments.process import free_port
@@ -81,17 +81,9 @@ def _kill(pid: int, create_time: float) -> None:
         pass
 
 
-def _cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "mlflow", "deployments", *args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
-    if check:
-        assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr[-4000:]}"
-    return result
-
-
 def _get(env: dict[str, str], name: str) -> dict[str, str]:
     """``mlflow deployments get`` output (``key: value`` lines) as a dict of strings."""
-    out = _cli(env, "get", "-t", "tfx", "--name", name).stdout
+    out = cli(env, "get", "-t", "tfx", "--name", name).stdout
     return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
 
 
@@ -99,14 +91,14 @@ def _get(env: dict[str, str], name: str) -> dict[str, str]:
 
 
 def test_help_documents_every_key(env: dict[str, str]):
-    out = _cli(env, "help", "-t", "tfx").stdout
+    out = cli(env, "help", "-t", "tfx").stdout
     for key in valid_keys():
         assert f"  {key} " in out
     assert "mlflow deployments create -t tfx" in out
 
 
 def test_bad_config_key_lists_valid_keys(env: dict[str, str], state_dir: Path):
-    result = _cli(
+    result = cli(
         env, "create", "-t", "tfx", "--name", "chat", "-m", "models:/chat/1",
         "-C", "max_batch=4", check=False,
     )  # fmt: skip
@@ -129,7 +121,7 @@ def test_bad_config_key_lists_valid_keys(env: dict[str, str], state_dir: Path):
 def test_cli_errors_are_one_line_without_a_traceback(
     env: dict[str, str], state_dir: Path, args: tuple[str, ...]
 ):
-    result = _cli(env, *args, check=False)
+    result = cli(env, *args, check=False)
 
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -140,7 +132,7 @@ def test_cli_errors_are_one_line_without_a_traceback(
 
 def test_cli_error_traceback_is_shown_under_debug_logging(env: dict[str, str]):
     debug = {**env, "MLFLOW_LOGGING_LEVEL": "DEBUG"}
-    result = _cli(debug, "get", "-t", "tfx", "--name", "nope", check=False)
+    result = cli(debug, "get", "-t", "tfx", "--name", "nope", check=False)
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "Error: No tfx deployment named" in result.stderr
 
@@ -148,14 +140,14 @@ def test_cli_error_traceback_is_shown_under_debug_logging(env: dict[str, str]):
 def test_create_list_get_predict_update_delete(
     env: dict[str, str], state_dir: Path, tmp_path: Path
 ):
-    out = _cli(
+    out = cli(
         env, "create", "-t", "tfx", "--name", "chat", "-m", "models:/chat@prod",
         "-C", "max_batch_size=4",
     )  # fmt: skip
     assert "tfx deployment chat is created" in out.stdout
     assert "Ready at http://127.0.0.1:" in out.stderr
 
-    listed = _cli(env, "list", "-t", "tfx").stdout
+    listed = cli(env, "list", "-t", "tfx").stdout
     assert "'name': 'chat'" in listed and "'status': 'running'" in listed
     assert "local_model_dir" not in listed, "list shows name, status and url, not whole records"
     first = _get(env, "chat")
@@ -167,7 +159,7 @@ def test_create_list_get_predict_update_delete(
 
     body = tmp_path / "body.json"
     body.write_text(json.dumps(CHAT_BODY))
-    answer = json.loads(_cli(env, "predict", "-t", "tfx", "--name", "chat", "-I", str(body)).stdout)
+    answer = json.loads(cli(env, "predict", "-t", "tfx", "--name", "chat", "-I", str(body)).stdout)
     assert answer["object"] == "chat.completion"
     assert answer["choices"][0]["message"]["role"] == "assistant"
     assert answer["usage"]["completion_tokens"] <= 5
@@ -178,7 +170,7 @@ def test_create_list_get_predict_update_delete(
 
     # update while a client keeps sending requests to the original URL: none may fail
     update = ("update", "-t", "tfx", "--name", "chat", "-m", "models:/chat/2")
-    outcomes = _keep_requesting(first["url"], lambda: _cli(env, *update))
+    outcomes = _keep_requesting(first["url"], lambda: cli(env, *update))
     assert outcomes["failures"] == [], outcomes
     assert outcomes["successes"] > 0 and len(outcomes["pids"]) == 2, outcomes
     second = _get(env, "chat")
@@ -189,10 +181,10 @@ def test_create_list_get_predict_update_delete(
     health = requests.get(f"{first['url']}/health", timeout=5).json()
     assert health["pid"] == int(second["pid"])
 
-    _cli(env, "delete", "-t", "tfx", "--name", "chat")
+    cli(env, "delete", "-t", "tfx", "--name", "chat")
     assert not _same_process(second)
-    assert "[]" in _cli(env, "list", "-t", "tfx").stdout
-    gone = _cli(env, "get", "-t", "tfx", "--name", "chat", check=False)
+    assert "[]" in cli(env, "list", "-t", "tfx").stdout
+    gone = cli(env, "get", "-t", "tfx", "--name", "chat", check=False)
     assert gone.returncode != 0 and "No tfx deployment named 'chat'" in gone.stderr
 
 
@@ -247,7 +239,7 @@ def test_killed_server_is_reported_dead_and_can_be_recreated(
     env: dict[str, str], state_dir: Path, tmp_path: Path
 ):
     create = ("create", "-t", "tfx", "--name", "chat", "-m", "models:/chat/1")
-    _cli(env, *create)
+    cli(env, *create)
     pid = int(_get(env, "chat")["pid"])
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
@@ -255,19 +247,19 @@ def test_killed_server_is_reported_dead_and_can_be_recreated(
         assert time.monotonic() < deadline
         time.sleep(0.1)
 
-    assert "'status': 'dead'" in _cli(env, "list", "-t", "tfx").stdout
+    assert "'status': 'dead'" in cli(env, "list", "-t", "tfx").stdout
     assert _get(env, "chat")["status"] == "dead"
     body = tmp_path / "body.json"
     body.write_text(json.dumps(CHAT_BODY))
-    predict = _cli(env, "predict", "-t", "tfx", "--name", "chat", "-I", str(body), check=False)
+    predict = cli(env, "predict", "-t", "tfx", "--name", "chat", "-I", str(body), check=False)
     assert predict.returncode != 0
     assert f"'chat' is not running (pid {pid} exited)" in predict.stderr
 
-    again = _cli(env, *create)  # over the dead record: its model copy is still there
+    again = cli(env, *create)  # over the dead record: its model copy is still there
     assert "Using cached model" in again.stderr and "Downloading" not in again.stderr
     assert _get(env, "chat")["status"] == "running"
-    _cli(env, "delete", "-t", "tfx", "--name", "chat")
-    assert "[]" in _cli(env, "list", "-t", "tfx").stdout
+    cli(env, "delete", "-t", "tfx", "--name", "chat")
+    assert "[]" in cli(env, "list", "-t", "tfx").stdout
     assert [p for p in (state_dir / "models").iterdir()] == [], "nothing uses the copy any more"
 
 

@@ -41,7 +41,13 @@ from mlflow_tfx_plugin.deployments.payloads import (
     route_of,
 )
 from mlflow_tfx_plugin.deployments.process import ServerProcess, say
-from mlflow_tfx_plugin.deployments.resolve import ResolvedModel, fetch_model, resolve_model
+from mlflow_tfx_plugin.deployments.resolve import (
+    ResolvedModel,
+    fetch_model,
+    recorded_fields,
+    resolve_model,
+    resolved_of,
+)
 from mlflow_tfx_plugin.deployments.state import (
     DeploymentRecord,
     DeploymentStore,
@@ -166,7 +172,7 @@ class TfxDeploymentClient(BaseDeploymentClient):
                     param="backend",
                 )
             if old.backend == "ray":
-                resolved = resolve_model(model_uri) if model_uri else _resolved_of(old)
+                resolved = resolve_model(model_uri) if model_uri else resolved_of(old)
                 new = _ray().deploy(self.store, name, resolved, cfg, previous=old)
                 new = replace(new, created_at=old.created_at)
                 self.store.write(new)
@@ -175,7 +181,7 @@ class TfxDeploymentClient(BaseDeploymentClient):
                 resolved = resolve_model(model_uri)
                 model_dir = fetch_model(self.store, resolved)
             else:
-                resolved, model_dir = _resolved_of(old), Path(old.local_model_dir)
+                resolved, model_dir = resolved_of(old), Path(old.local_model_dir)
             old_alive = self._is_running(old)
             shared_port = _shared_port(old, cfg) if old_alive else None
             server, url = _launch(self.store, name, model_dir, cfg, shared_port=shared_port)
@@ -457,21 +463,6 @@ def _merged_config(old: DeploymentRecord, update: Mapping[str, Any]) -> Deployme
     return parse_config({**base, **update})
 
 
-#: The ResolvedModel fields a deployment record keeps (not the download cache key).
-_RECORDED_MODEL_FIELDS = (
-    "model_uri",
-    "resolved_model_uri",
-    "registered_model_name",
-    "model_version",
-    "model_id",
-    "run_id",
-)
-
-
-def _resolved_of(record: DeploymentRecord) -> ResolvedModel:
-    return ResolvedModel(**{key: getattr(record, key) for key in _RECORDED_MODEL_FIELDS})
-
-
 @dataclass(frozen=True, kw_only=True)
 class _ServerPlan:
     """How to start a server: its command line, environment, port and client URL."""
@@ -554,7 +545,7 @@ def _new_record(
     port = int(url.rsplit(":", 1)[1])
     return DeploymentRecord(
         name=name,
-        **{key: getattr(resolved, key) for key in _RECORDED_MODEL_FIELDS},
+        **recorded_fields(resolved),
         local_model_dir=str(model_dir),
         pid=server.pid,
         pid_create_time=server.create_time,

@@ -21,7 +21,7 @@ from typing import Any
 from mlflow_tfx_plugin.deployments.config import DeploymentConfig, key_digest
 from mlflow_tfx_plugin.deployments.process import client_host, free_port, say, startup_timeout
 from mlflow_tfx_plugin.deployments.ray_cluster import Connection, connected, stop_head_if_unused
-from mlflow_tfx_plugin.deployments.resolve import ResolvedModel
+from mlflow_tfx_plugin.deployments.resolve import ResolvedModel, recorded_fields, resolved_of
 from mlflow_tfx_plugin.deployments.state import DeploymentRecord, DeploymentStore, utc_now
 from mlflow_tfx_plugin.errors import InvalidInputError, TfxError
 
@@ -288,7 +288,7 @@ def _undo(name: str, previous: DeploymentRecord | None, cfg: DeploymentConfig) -
             return
         say(f"Rolling {name!r} back to its recorded model and config...")
         recorded = {k: v for k, v in previous.config.items() if k != "api_key"}
-        _run(name, _resolved_of(previous), DeploymentConfig(**recorded, api_key=cfg.api_key))
+        _run(name, resolved_of(previous), DeploymentConfig(**recorded, api_key=cfg.api_key))
     except Exception as err:  # the original failure matters more
         say(f"Could not undo the failed deployment of {name!r}: {err}")
 
@@ -394,12 +394,7 @@ def _record(
 ) -> DeploymentRecord:
     return DeploymentRecord(
         name=name,
-        model_uri=resolved.model_uri,
-        resolved_model_uri=resolved.resolved_model_uri,
-        registered_model_name=resolved.registered_model_name,
-        model_version=resolved.model_version,
-        model_id=resolved.model_id,
-        run_id=resolved.run_id,
+        **recorded_fields(resolved),
         local_model_dir="",
         pid=0,
         pid_create_time=0.0,
@@ -411,15 +406,4 @@ def _record(
         updated_at=utc_now(),
         backend="ray",
         ray_address=connection.address,
-    )
-
-
-def _resolved_of(record: DeploymentRecord) -> ResolvedModel:
-    return ResolvedModel(
-        model_uri=record.model_uri,
-        resolved_model_uri=record.resolved_model_uri,
-        registered_model_name=record.registered_model_name,
-        model_version=record.model_version,
-        model_id=record.model_id,
-        run_id=record.run_id,
     )

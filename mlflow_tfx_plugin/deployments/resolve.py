@@ -14,6 +14,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -36,6 +37,27 @@ class ResolvedModel:
     model_version: str | None = None
     model_id: str | None = None
     run_id: str | None = None
+
+
+#: The ResolvedModel fields a deployment record keeps (not the download cache key).
+RECORDED_MODEL_FIELDS = (
+    "model_uri",
+    "resolved_model_uri",
+    "registered_model_name",
+    "model_version",
+    "model_id",
+    "run_id",
+)
+
+
+def recorded_fields(resolved: ResolvedModel) -> dict[str, Any]:
+    """What a deployment record keeps of ``resolved`` (:data:`RECORDED_MODEL_FIELDS`)."""
+    return {key: getattr(resolved, key) for key in RECORDED_MODEL_FIELDS}
+
+
+def resolved_of(record: Any) -> ResolvedModel:
+    """The pinned model a deployment record was made from (without its cache key)."""
+    return ResolvedModel(**{key: getattr(record, key) for key in RECORDED_MODEL_FIELDS})
 
 
 def resolve_model(model_uri: str) -> ResolvedModel:
