@@ -3,6 +3,7 @@
     python benchmarks/serve.py --model tiny --concurrency 1,4,16 --requests 32
     python benchmarks/serve.py                      # SmolLM2-135M-Instruct, levels 1,4,16,32
     python benchmarks/serve.py --only mlflow,tfs-cb,generate --output results.json
+    python benchmarks/serve.py --only tfx,tfs-cb,generate --concurrency 1,16,32 --rounds 3
 
 Sections (``--only``/``--skip`` take these keys):
 
@@ -23,7 +24,9 @@ its request schema drops such fields; generate: ``min_new_tokens``). Completion 
 from the token counts the servers report. Each level sends one warm-up request, then
 ``--requests`` requests (default ``max(2 * concurrency, 8)``) from that many client threads;
 the servers that stream also get one wave of streamed requests for time to first token.
-Peak RSS sums ``VmHWM`` over each server's process tree.
+Peak RSS sums ``VmHWM`` over each server's process tree. ``--rounds N`` runs every section
+N times, the sections' order rotating each round (the machine's noise then hits every
+server alike), and reports each level's median over the rounds with the range of tok/s.
 
 Models: ``smollm2`` (``examples/smollm2.py``) or ``tiny``: a random-weight GPT-2 of gpt2-small's
 shape (12 layers, 768 wide, vocabulary 50257) with SmolLM2's tokenizer padded to 50257 ids,
@@ -38,6 +41,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,6 +164,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--cb-num-blocks", type=int, default=32, help="transformers serve CB")
     parser.add_argument(
         "--threads", type=int, help="OMP_NUM_THREADS for every server and child (default: torch's)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every section this often, order rotating"
     )
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "tfx-bench")
@@ -631,6 +638,40 @@ def print_report(results: list[ServerResult], embeddings: dict[str, Any], headin
         _print_embeddings(embeddings)
 
 
+def median_of_rounds(rounds: list[ServerResult]) -> ServerResult:
+    """One section's rounds as one result: each level's medians, and the tok/s range."""
+    measured = [r for r in rounds if not r.unavailable]
+    if not measured:
+        return rounds[0]
+    merged = replace(measured[0], levels=[], notes=list(measured[0].notes))
+    merged.peak_rss_mb = max(r.peak_rss_mb or 0.0 for r in measured) or None
+    for index, first in enumerate(measured[0].levels):
+        runs = [r.levels[index] for r in measured]
+        ttfts = [lv.ttft_p50_s for lv in runs if lv.ttft_p50_s is not None]
+        merged.levels.append(
+            replace(
+                first,
+                wall_s=statistics.median(lv.wall_s for lv in runs),
+                requests_per_s=statistics.median(lv.requests_per_s for lv in runs),
+                completion_tokens_per_s=statistics.median(
+                    lv.completion_tokens_per_s for lv in runs
+                ),
+                p50_s=statistics.median(lv.p50_s for lv in runs),
+                p95_s=statistics.median(lv.p95_s for lv in runs),
+                ttft_p50_s=statistics.median(ttfts) if ttfts else None,
+            )
+        )
+        rates = sorted(lv.completion_tokens_per_s for lv in runs)
+        if len(runs) > 1:
+            merged.notes.append(
+                f"c={first.concurrency}: tok/s over {len(runs)} rounds "
+                + ", ".join(f"{rate:.1f}" for rate in rates)
+            )
+    if len(measured) < len(rounds):
+        merged.notes.append(f"{len(rounds) - len(measured)} of {len(rounds)} rounds failed")
+    return merged
+
+
 def _tokens_by_level(results: list[ServerResult], key: str) -> dict[int, float]:
     for result in results:
         if result.key == key and not result.unavailable:
@@ -678,6 +719,17 @@ SECTION_RUNNERS: dict[str, Callable[[Bench, ServerResult], None]] = {
 }
 
 
+def run_section(bench: Bench, key: str) -> ServerResult:
+    """One section once; a server that fails is reported unavailable, the run goes on."""
+    result = ServerResult(key=key, name=NAMES[key])
+    try:
+        SECTION_RUNNERS[key](bench, result)
+    except Exception as err:
+        traceback.print_exc()
+        result.unavailable = _reason(err)
+    return result
+
+
 def main() -> None:
     args = parse_arguments()
     builder = tiny_checkpoint if args.model == "tiny" else smollm2_checkpoint
@@ -705,19 +757,19 @@ def main() -> None:
         max_batch_size=args.max_batch_size,
         batch_decoding=args.batch_decoding,
     )
-    results, embeddings = [], {}
+    results: list[ServerResult] = []
+    embeddings: dict[str, Any] = {}
     load_before = os.getloadavg()[0]  # other work on the machine skews every number
     try:
         _progress(f"checkpoint {checkpoint}; working in {run_dir}")
-        for key in [s for s in args.sections if s in SECTION_RUNNERS]:
-            result = ServerResult(key=key, name=NAMES[key])
-            _progress(f"  {result.name}")
-            try:
-                SECTION_RUNNERS[key](bench, result)
-            except Exception as err:  # one server failing does not end the run
-                traceback.print_exc()
-                result.unavailable = _reason(err)
-            results.append(result)
+        keys = [s for s in args.sections if s in SECTION_RUNNERS]
+        rounds: dict[str, list[ServerResult]] = {key: [] for key in keys}
+        for number in range(args.rounds):
+            shift = number % len(keys) if keys else 0
+            for key in keys[shift:] + keys[:shift]:
+                _progress(f"  round {number + 1}/{args.rounds}: {NAMES[key]}")
+                rounds[key].append(run_section(bench, key))
+        results = [median_of_rounds(rounds[key]) for key in keys]
         if "embed" in args.sections:
             _progress("  embeddings")
             embeddings = bench_embeddings(bench)
@@ -726,7 +778,8 @@ def main() -> None:
     heading = (
         f"Model: {args.model} ({checkpoint.name}); greedy, {NEW_TOKENS} new tokens forced; "
         f"{os.cpu_count()} CPUs ({platform.machine()}), load average {load_before:.1f} before "
-        f"and {os.getloadavg()[0]:.1f} after the run; tok/s ratios at the same concurrency."
+        f"and {os.getloadavg()[0]:.1f} after the run; {args.rounds} round(s), medians; tok/s "
+        "ratios at the same concurrency."
     )
     print_report(results, embeddings, heading)
     if args.output:
@@ -736,6 +789,7 @@ def main() -> None:
             "new_tokens": NEW_TOKENS,
             "levels": list(args.concurrency),
             "requests": {c: bench.n_requests(c) for c in args.concurrency},
+            "rounds": args.rounds,
             "load_average": [load_before, os.getloadavg()[0]],
             "servers": [result.to_dict() for result in results],
             "embeddings": embeddings,
