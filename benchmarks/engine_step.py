@@ -7,11 +7,12 @@
 Three measurements, one model load:
 
   solo      one sequence, ``--tokens`` forced greedy tokens: plain ``model.generate`` (what
-            :class:`TextGenerator` runs) against transformers' manager alone, both in ms per
-            token after the first (prefill excluded), interleaved ``--repeats`` times
+            :class:`TextGenerator` runs; before the manager starts) against transformers'
+            manager alone, both in ms per token after the first (prefill excluded),
+            ``--repeats`` times each
   engine    ``--concurrency`` concurrent greedy requests through
-            :class:`ContinuousBatchingEngine` (its own lone-request rule included), completion
-            tok/s and p50 latency, ``--repeats`` waves
+            :class:`ContinuousBatchingEngine`, completion tok/s and p50 latency, ``--repeats``
+            waves
   profile   with ``--profile N``: one more engine wave under cProfile, in the event loop,
             the dispatcher and transformers' loop thread; the top N functions by own time
 
@@ -214,18 +215,24 @@ def profiled_wave(engine: Any, generator: Any, args: argparse.Namespace) -> None
 
 
 def main() -> None:
+    from mlflow_tfx_plugin.deployments.engine.threads import run_in_passing_thread
+
     args = parse_arguments()
-    generator = load_generator()
-    engine = build_engine(generator, args)
+    # As the server does (engine/threads.py): the manager's loop keeps the only OpenMP pool.
+    generator = run_in_passing_thread(load_generator)
     input_ids = chat_ids(generator)
+    plain: list[tuple[float, float]] = []
+    if not args.skip_solo:  # before the manager's loop starts: no second pool meanwhile
+        run_in_passing_thread(time_generate, generator, input_ids, 4)  # warm-up
+        plain = [
+            run_in_passing_thread(time_generate, generator, input_ids, args.tokens)
+            for _ in range(args.repeats)
+        ]
+    engine = run_in_passing_thread(build_engine, generator, args)
     try:
         if not args.skip_solo:
-            time_generate(generator, input_ids, 4)  # warm up both paths
-            time_manager(engine, input_ids, 4)
-            plain, paged = [], []
-            for _ in range(args.repeats):
-                plain.append(time_generate(generator, input_ids, args.tokens))
-                paged.append(time_manager(engine, input_ids, args.tokens))
+            time_manager(engine, input_ids, 4)  # warm-up
+            paged = [time_manager(engine, input_ids, args.tokens) for _ in range(args.repeats)]
             for name, runs in (("generate", plain), ("manager ", paged)):
                 per_token, request = _spread([r[0] for r in runs]), _spread([r[1] for r in runs])
                 print(f"solo {name} ms/token: {per_token}  request s: {request}")

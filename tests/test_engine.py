@@ -238,7 +238,7 @@ def test_a_dead_generation_loop_fails_requests_and_health(generator: TextGenerat
         engine.close()
 
 
-# -- solo runs: a lone request runs plain generate, and hands off to the manager ---------
+# -- lone requests: they run in the manager, and others join them mid-generation ------
 
 
 @pytest.fixture(scope="module", params=["sampling", "greedy-only"])
@@ -250,15 +250,14 @@ def continuous(request: pytest.FixtureRequest, generator: TextGenerator):
 
 
 @contextmanager
-def _on_solo_forward(generator: TextGenerator, hook: Callable[[int], None]) -> Iterator[None]:
-    """Call ``hook(n)`` before the n-th forward pass of solo runs (their worker thread)."""
+def _on_forward(generator: TextGenerator, hook: Callable[[int], None]) -> Iterator[None]:
+    """Call ``hook(n)`` before the n-th forward pass of the model, in any thread."""
     calls = 0
 
     def pre_hook(module: Any, args: Any) -> None:
         nonlocal calls
-        if threading.current_thread().name.startswith("tfx-solo"):
-            calls += 1
-            hook(calls)
+        calls += 1
+        hook(calls)
 
     handle = generator.model.register_forward_pre_hook(pre_hook)
     try:
@@ -279,10 +278,11 @@ def _collect(engine, prompt: str, params: GenerationParams):
     return run()
 
 
-def test_a_lone_request_runs_solo_and_matches_generate(continuous, generator: TextGenerator):
+def test_a_lone_request_matches_generate(continuous, generator: TextGenerator):
     params = GenerationParams(max_tokens=40, temperature=0)  # "Hi" ends with eos, 19 tokens
-    forced = GenerationParams(max_tokens=60, temperature=0, ignore_eos=True)  # eos at 48
-    solo, handoffs = continuous.solo_requests, continuous.handoffs
+    # ignore_eos, and eos would come at the 48th token: past it, generate suppresses eos
+    # (min_new_tokens) where the manager emits it without stopping.
+    forced = GenerationParams(max_tokens=45, temperature=0, ignore_eos=True)
 
     async def run():
         result = await continuous.generate("Hi", params, add_special_tokens=True)
@@ -294,36 +294,16 @@ def test_a_lone_request_runs_solo_and_matches_generate(continuous, generator: Te
     assert result.completions[0].finish_reason == "stop"
     expected = _reference(generator, PROMPTS[2], forced).completions[0]
     assert "".join(d.text for d in deltas) == expected.text
-    assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == ("length", 60)
-    assert (continuous.solo_requests, continuous.handoffs) == (solo + 2, handoffs)
+    assert (deltas[-1].finish_reason, deltas[-1].completion_tokens) == ("length", 45)
     _assert_idle(continuous)
 
 
-def test_which_lone_requests_run_solo(continuous):
-    sampled = GenerationParams(max_tokens=4, temperature=1.0)
-    seeded = GenerationParams(max_tokens=4, temperature=1.0, seed=3)
-    sampled_n = GenerationParams(max_tokens=4, temperature=1.0, n=2)
-
-    def solo_runs(params: GenerationParams) -> int:
-        before = continuous.solo_requests
-        result = asyncio.run(continuous.generate("Hi", params, add_special_tokens=True))
-        assert len(result.completions) == params.n
-        return continuous.solo_requests - before
-
-    greedy_only = continuous.settings.greedy_only
-    assert solo_runs(sampled) == (0 if greedy_only else 1)  # greedy-only: micro-batching
-    assert solo_runs(seeded) == 0
-    assert solo_runs(sampled_n) == 0
-    _assert_idle(continuous)
-
-
-def test_a_request_arriving_mid_generation_takes_over_in_the_manager(
+def test_a_request_arriving_mid_generation_joins_the_running_one(
     continuous, generator: TextGenerator
 ):
     first = GenerationParams(max_tokens=40, temperature=0, ignore_eos=True)
     second = GenerationParams(max_tokens=12, temperature=0)
     reached, arrived = threading.Event(), threading.Event()
-    handoffs = continuous.handoffs
 
     def hold_fifth_step(call: int) -> None:  # the second request arrives mid-generation
         if call == 5:
@@ -341,7 +321,7 @@ def test_a_request_arriving_mid_generation_takes_over_in_the_manager(
         arrived.set()
         return await asyncio.wait_for(asyncio.gather(streaming, completing), timeout=60)
 
-    with _on_solo_forward(generator, hold_fifth_step):
+    with _on_forward(generator, hold_fifth_step):
         deltas, result = asyncio.run(run())
 
     expected = _reference(generator, PROMPTS[2], first).completions[0]
@@ -349,14 +329,12 @@ def test_a_request_arriving_mid_generation_takes_over_in_the_manager(
     assert [d.finish_reason for d in deltas if d.finish_reason] == ["length"]
     assert deltas[-1].completion_tokens == 40
     assert result == _reference(generator, PROMPTS[0], second)
-    assert continuous.handoffs == handoffs + 1
     _assert_idle(continuous)
 
 
-def test_leaving_a_solo_stream_early_stops_its_generation(continuous, generator: TextGenerator):
+def test_leaving_a_lone_stream_early_stops_its_generation(continuous, generator: TextGenerator):
     params = GenerationParams(max_tokens=100, temperature=0, ignore_eos=True)
     steps: list[int] = []
-    solo = continuous.solo_requests
 
     def slow_step(call: int) -> None:  # so that leaving early is early
         steps.append(call)
@@ -367,8 +345,12 @@ def test_leaving_a_solo_stream_early_stops_its_generation(continuous, generator:
             async for _ in s:
                 break
 
-    with _on_solo_forward(generator, slow_step):
+    with _on_forward(generator, slow_step):
         asyncio.run(leave_after_first_delta())
+        deadline = time.monotonic() + 5
+        while continuous._manager.batch_processor.has_pending_requests():
+            assert time.monotonic() < deadline, "the abandoned sequence kept running"
+            time.sleep(0.01)
         assert len(steps) < 50
         _assert_idle(continuous)
         after = asyncio.run(
@@ -376,69 +358,4 @@ def test_leaving_a_solo_stream_early_stops_its_generation(continuous, generator:
         )
 
     assert after[-1].finish_reason is not None
-    assert continuous.solo_requests == solo + 2
-    _assert_idle(continuous)
-
-
-def test_leaving_after_a_handoff_cancels_the_continuation(continuous, generator: TextGenerator):
-    params = GenerationParams(max_tokens=100, temperature=0, ignore_eos=True)
-    handoffs = continuous.handoffs
-    batch_processor = continuous._manager.batch_processor
-
-    async def run():
-        newcomer = None
-        async with aclosing(continuous.stream(PROMPTS[2], params, add_special_tokens=True)) as s:
-            async for _ in s:
-                if continuous.handoffs > handoffs:  # the continuation is streaming
-                    break
-                newcomer = newcomer or asyncio.create_task(
-                    continuous.generate(
-                        "Hi", GenerationParams(max_tokens=2, temperature=0), add_special_tokens=True
-                    )
-                )
-        assert newcomer is not None
-        await newcomer
-        deadline = time.monotonic() + 1  # a leaked continuation would run for 2 s more
-        while batch_processor.has_pending_requests() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-
-    handle = generator.model.register_forward_pre_hook(lambda *_: time.sleep(0.02))
-    try:
-        asyncio.run(run())
-    finally:
-        handle.remove()
-
-    assert continuous.handoffs == handoffs + 1
-    assert not batch_processor.has_pending_requests()
-    _assert_idle(continuous)
-
-
-def test_a_failing_solo_run_fails_only_its_request(continuous, generator: TextGenerator):
-    params = GenerationParams(max_tokens=8, temperature=0)
-
-    def fail_once(call: int) -> None:
-        if call == 1:
-            raise RuntimeError("model broke")
-
-    async def run():
-        with pytest.raises(EngineError, match="model broke"):
-            await asyncio.wait_for(
-                continuous.generate(PROMPTS[0], params, add_special_tokens=True), timeout=30
-            )
-        alone = await asyncio.wait_for(  # solo again
-            continuous.generate(PROMPTS[0], params, add_special_tokens=True), timeout=60
-        )
-        together = await asyncio.wait_for(  # the manager was not left paused
-            asyncio.gather(
-                *(continuous.generate(p, params, add_special_tokens=True) for p in PROMPTS[1:3])
-            ),
-            timeout=60,
-        )
-        return [alone, *together]
-
-    with _on_solo_forward(generator, fail_once):
-        results = asyncio.run(run())
-
-    assert results == [_reference(generator, p, params) for p in PROMPTS[:3]]
-    assert continuous.healthy
     _assert_idle(continuous)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Generic, Protocol, TypeVar
 
 ItemT = TypeVar("ItemT")
@@ -40,7 +40,7 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         run_batch: Callable[[list[ItemT]], Sequence[ResultT | Exception]],
         *,
         max_batch_size: int,
-        executor: ThreadPoolExecutor,
+        executor: Executor,
         window_s: float = BATCH_WINDOW_S,
         on_batch: BatchObserver | None = None,
     ) -> None:

@@ -28,8 +28,6 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 #: The generation engine's own counters (attributes of the continuous-batching engine),
 #: exported as ``tfx_engine_<name>_total``.
 ENGINE_COUNTERS = {
-    "solo_requests": "Requests that started alone, through plain generate.",
-    "handoffs": "Lone requests continued in the continuous batch when another one arrived.",
     "loop_restarts": "Restarts of the continuous-batching loop after it died.",
 }
 

@@ -38,6 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from mlflow_tfx_plugin.deployments.config import API_KEY_ENV, DeploymentConfig, key_digest
 from mlflow_tfx_plugin.deployments.engine import EngineSettings
+from mlflow_tfx_plugin.deployments.engine.threads import in_passing_thread
 from mlflow_tfx_plugin.deployments.metrics import MetricsMiddleware, ServerMetrics
 from mlflow_tfx_plugin.deployments.payloads import (
     CHAT_ROUTE,
@@ -271,7 +272,7 @@ async def load_model(app: FastAPI, model_dir: Path) -> None:
     """Load, warm up and serve the model of ``model_dir`` in ``app``; raises if that fails."""
     state: ServerState = app.state.tfx
     started = time.perf_counter()
-    served = await asyncio.to_thread(
+    served = await in_passing_thread(  # see engine/threads.py
         load_served_model,
         state.name,
         model_dir,

@@ -18,7 +18,6 @@ import copy
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from mlflow_tfx_plugin.deployments.engine import (
     GenerationEngine,
     create_generation_engine,
 )
+from mlflow_tfx_plugin.deployments.engine.threads import PassingThreadExecutor
 from mlflow_tfx_plugin.deployments.payloads import (
     CHAT_ROUTE,
     COMPLETIONS_ROUTE,
@@ -121,7 +121,7 @@ class ServedModel:
         self.adapter = adapter
         adapter.model_name = name  # responses name the deployment, as GET /v1/models does
         settings = replace(options.engine, on_batch=on_batch) if on_batch else options.engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfx-model")
+        self._executor = PassingThreadExecutor(max_workers=1, thread_name_prefix="tfx-model")
         self.chat: ChatAdapter | None = None
         self.completions: CompletionsAdapter | None = None
         self.embeddings: EmbeddingsAdapter | None = None

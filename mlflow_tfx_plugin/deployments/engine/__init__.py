@@ -1,9 +1,10 @@
 """Batching over one loaded model, for the deployment server: engines behind one protocol.
 
 - :mod:`.continuous`: transformers' continuous batching, sequences joining and leaving
-  the running batch at every step; a lone request runs alone (:mod:`.solo`) until
-  another arrives; :mod:`.cb_sampling` keeps the manager's greedy rows off its
-  vocabulary-wide sorts, :mod:`.cb_hooks` runs grammars and logprobs in it.
+  the running batch at every step; :mod:`.cb_sampling` keeps the manager's greedy rows
+  off its vocabulary-wide sorts, :mod:`.cb_hooks` runs grammars and logprobs in it.
+- :mod:`.threads`: every other piece of torch work runs in a thread that ends with it,
+  so the manager's loop keeps the only OpenMP pool (two pools slow CPU matmuls down).
 - :mod:`.micro`: requests collected for a few milliseconds share one ``generate``.
 - :mod:`.base`: the :class:`GenerationEngine` protocol and :class:`EngineSettings`.
 

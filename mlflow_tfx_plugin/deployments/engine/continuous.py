@@ -1,14 +1,15 @@
 """The continuous-batching engine, over transformers' continuous-batching manager.
 
 Sequences join and leave the running batch at every decoding step, and the KV cache is
-paged and sized from ``max_batch_size`` (never from a share of RAM). A request that
-arrives to an idle engine runs alone (:mod:`.solo`) and hands off to the manager as soon
-as another request arrives. Requests the manager cannot express go to the micro-batching
-engine (:mod:`.micro`). Constrained requests (``response_format``, forced tool calls) and
-requests for ``logprobs`` run in the manager through a processor of ours (:mod:`.cb_hooks`),
-never solo; if that hook cannot be installed or fails its start-up check, they go to
-micro-batching too. Model work and tokenizing run off the event loop, so ``/health`` and
-``/metrics`` answer under load.
+paged and sized from ``max_batch_size`` (never from a share of RAM). A lone request runs
+in the manager too: alone there, a step costs what a ``generate`` step costs, as long as
+the manager's loop is the only long-lived thread running torch (:mod:`.threads`).
+Requests the manager cannot express go to the micro-batching engine (:mod:`.micro`).
+Constrained requests (``response_format``, forced tool calls) and requests for
+``logprobs`` run in the manager through a processor of ours (:mod:`.cb_hooks`); if that
+hook cannot be installed or fails its start-up check, they go to micro-batching too.
+Model work and tokenizing run off the event loop, so ``/health`` and ``/metrics`` answer
+under load.
 
 If transformers' loop dies, its requests fail and the engine restarts it (a bounded
 number of times per window).
@@ -41,7 +42,6 @@ from mlflow_tfx_plugin.deployments.engine.cb_hooks import (
 )
 from mlflow_tfx_plugin.deployments.engine.cb_sampling import install_fast_sampling
 from mlflow_tfx_plugin.deployments.engine.micro import MicroBatchingEngine
-from mlflow_tfx_plugin.deployments.engine.solo import SoloRun, SoloRunner
 from mlflow_tfx_plugin.detokenize import IncrementalDetokenizer
 from mlflow_tfx_plugin.errors import EngineError, InvalidInputError
 from mlflow_tfx_plugin.generation import (
@@ -73,9 +73,6 @@ class ContinuousBatchingEngine:
     sampling manager, so greedy and sampled requests share one batch (:mod:`.cb_sampling`
     gives greedy rows their argmax without sorting the vocabulary).
 
-    A request alone in the engine runs *solo*: plain ``generate`` (a ``DynamicCache``, as
-    :class:`TextGenerator` runs it), with the manager paused (see :mod:`.solo`).
-
     Attributes:
         loop_restarts: restarts of the manager's loop after it died.
         fast_sampling: whether the manager runs :mod:`.cb_sampling`'s warpers and sampler.
@@ -90,21 +87,13 @@ class ContinuousBatchingEngine:
         self._pausers = 0  # threads in or waiting for exclusive(): no restart meanwhile
         self._restart_lock = threading.Lock()  # guards the one above, and restarts
         self._manager, self._controls, self.fast_sampling = _start_manager(generator, settings)
-        self._generate_lock = threading.Lock()  # one plain generate at a time: solo or fallback
+        self._generate_lock = threading.Lock()  # one fallback generate at a time
         self._fallback = MicroBatchingEngine(
             generator, settings, exclusive=self._exclusive_generate
         )
-        self._solo_runner = SoloRunner(
-            generator,
-            settings,
-            exclusive=self._exclusive_generate,
-            submit=self._submit,
-            forget=self._forget,
-        )
         self._tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfx-tok")
         self._in_flight = 0
-        self._solo: SoloRun | None = None
-        self._in_flight_lock = threading.Lock()  # guards the two above
+        self._in_flight_lock = threading.Lock()  # guards the one above
         self._sinks: dict[str, OutputSink] = {}
         self._sinks_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -119,23 +108,13 @@ class ContinuousBatchingEngine:
 
     @property
     def in_flight(self) -> int:
-        """Requests (sequences) being generated, solo, in the manager or as a fallback."""
+        """Requests (sequences) being generated, in the manager or as a fallback."""
         return self._in_flight
 
     @property
     def controlled_requests(self) -> int:
         """Constrained or logprobs requests (sequences) that ran in the manager."""
         return self._controls.registered if self._controls is not None else 0
-
-    @property
-    def solo_requests(self) -> int:
-        """Requests that started solo."""
-        return self._solo_runner.requests
-
-    @property
-    def handoffs(self) -> int:
-        """Solo requests that were continued in the manager."""
-        return self._solo_runner.handoffs
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -155,7 +134,7 @@ class ContinuousBatchingEngine:
 
     @contextmanager
     def _exclusive_generate(self) -> Iterator[None]:
-        """The pause, and one plain ``generate`` at a time (solo and fallback requests)."""
+        """The pause, and one plain ``generate`` at a time (fallback requests)."""
         with self.exclusive(), self._generate_lock:
             yield
 
@@ -276,43 +255,23 @@ class ContinuousBatchingEngine:
         max_new: int,
         controls: RowControls | None = None,
     ) -> AsyncGenerator[Any, None]:
-        """Outputs for one sequence: solo if the engine is idle, else from the manager
-        (always, for a sequence with controls: plain ``generate`` has no hook for them)."""
-        # Sampled n > 1 runs its sequences side by side: the manager is the place for them.
-        candidate = (
-            SoloRun(input_ids, params, max_new, self._stop_ids(params), asyncio.get_running_loop())
-            if (params.greedy or params.n == 1) and controls is None
-            else None
-        )
-        with self._admitted(candidate) as solo:
-            if solo is not None:
-                outputs = self._solo_runner.outputs(solo)
-            else:
-                outputs = self._manager_outputs(input_ids, params, max_new, controls)
+        """The manager's outputs for one sequence, counted in flight while they last."""
+        with self._admitted():
+            outputs = self._manager_outputs(input_ids, params, max_new, controls)
             async with aclosing(outputs):
                 async for output in outputs:
                     yield output
 
     @contextmanager
-    def _admitted(self, candidate: SoloRun | None = None) -> Iterator[SoloRun | None]:
-        """Count a request in flight; yields ``candidate`` if it may run solo (engine idle).
-
-        Any request arriving while a solo run is in progress asks it to hand off.
-        """
+    def _admitted(self) -> Iterator[None]:
+        """Count a request in flight while the block runs."""
         with self._in_flight_lock:
-            if self._solo is not None:
-                self._solo.stop.set()
-            solo = candidate if self._in_flight == 0 else None
-            if solo is not None:
-                self._solo = solo
             self._in_flight += 1
         try:
-            yield solo
+            yield
         finally:
             with self._in_flight_lock:
                 self._in_flight -= 1
-                if solo is not None:
-                    self._solo = None
 
     async def _manager_outputs(
         self,
@@ -497,7 +456,6 @@ class ContinuousBatchingEngine:
         self._manager.stop(block=True, timeout=10)
         self._dispatcher.join(timeout=5)
         self._fallback.close()
-        self._solo_runner.close()
         self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
 
 

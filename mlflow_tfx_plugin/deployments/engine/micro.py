@@ -24,6 +24,7 @@ from mlflow_tfx_plugin.deployments.engine.base import (
     check_max_tokens,
     request_error,
 )
+from mlflow_tfx_plugin.deployments.engine.threads import PassingThreadExecutor
 from mlflow_tfx_plugin.errors import EngineError, InvalidInputError
 from mlflow_tfx_plugin.generation import PromptResult, StreamDelta, TextGenerator, runnable_params
 from mlflow_tfx_plugin.protocol import GenerationParams
@@ -55,7 +56,7 @@ class MicroBatchingEngine:
         self.generator = generator
         self.settings = settings
         self.exclusive = exclusive
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tfx-generate")
+        self._executor = PassingThreadExecutor(max_workers=1, thread_name_prefix="tfx-generate")
         self._stream_executor = ThreadPoolExecutor(thread_name_prefix="tfx-stream")
         self._batcher: MicroBatcher[_GenerationItem, PromptResult] = MicroBatcher(
             self._generate_batch,
