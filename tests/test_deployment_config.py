@@ -26,7 +26,7 @@ from mlflow_tfx_plugin.errors import InvalidInputError
 # --- parse_config ----------------------------------------------------------------------------
 
 VALID = [
-    ({}, {"host": "127.0.0.1", "port": None, "max_batch_size": 16, "timeout": 60.0}),
+    ({}, {"host": "127.0.0.1", "port": None, "max_batch_size": None, "timeout": 60.0}),
     ({"port": "8080"}, {"port": 8080}),
     ({"port": "0"}, {"port": 0}),
     ({"port": ""}, {"port": None}),

@@ -25,6 +25,7 @@ from mlflow_tfx_plugin.deployments.engine import (
     create_generation_engine,
     kv_cache_blocks,
 )
+from mlflow_tfx_plugin.deployments.engine.continuous import running_batch_size
 from mlflow_tfx_plugin.errors import EngineError, InvalidInputError
 from mlflow_tfx_plugin.generation import TextGenerator
 from mlflow_tfx_plugin.protocol import GenerationParams
@@ -194,6 +195,43 @@ def test_kv_cache_is_sized_from_batch_size_not_memory():
     assert kv_cache_blocks(EngineSettings(max_batch_size=16), 8192) == 8192 // 32  # a window
     assert kv_cache_blocks(EngineSettings(max_batch_size=64), 2048) == 64 * 128 // 32
     assert kv_cache_blocks(EngineSettings(max_batch_size=1), 128) == 4
+
+
+def test_without_max_batch_size_the_cache_holds_16_slots_or_a_window():
+    assert kv_cache_blocks(EngineSettings(), 1024) == 16 * 128 // 32
+    assert kv_cache_blocks(EngineSettings(), 8192) == 8192 // 32
+
+
+def test_without_max_batch_size_the_batch_is_what_the_cache_holds():
+    assert running_batch_size(EngineSettings(), 2048) == 16  # 16 slots of 128 tokens
+    assert running_batch_size(EngineSettings(), 1024) == 16  # never fewer than 16
+    assert running_batch_size(EngineSettings(), 4096) == 32
+    assert running_batch_size(EngineSettings(), 8192) == 64  # SmolLM2's window
+    assert running_batch_size(EngineSettings(), 10**6) == 64  # at most 64
+    assert running_batch_size(EngineSettings(max_batch_size=4), 8192) == 4  # as set
+    assert running_batch_size(EngineSettings(kv_cache_tokens=4096), 4096) == 32
+
+
+def test_more_than_16_requests_decode_together_when_the_cache_holds_them(
+    generator: TextGenerator,
+):
+    sizes: list[int] = []
+    settings = EngineSettings(kv_cache_tokens=4096, on_batch=sizes.append)  # 32 sequences
+    engine = ContinuousBatchingEngine(generator, settings)
+    params = GenerationParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    async def run() -> list:
+        prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(24)]
+        return await asyncio.gather(
+            *(engine.generate(p, params, add_special_tokens=True) for p in prompts)
+        )
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        engine.close()
+    assert all(r.completions[0].completion_tokens == 24 for r in results)
+    assert max(sizes) > 16
 
 
 def test_kv_cache_size_can_be_set_but_holds_a_context_window(caplog):

@@ -26,6 +26,10 @@ from mlflow_tfx_plugin.errors import InvalidInputError
 API_KEY_ENV = "MLFLOW_TFX_API_KEY"
 """Environment variable read for ``api_key`` when ``-C api_key=...`` is not given."""
 
+DEFAULT_BATCH_SIZE = 16
+"""Requests per micro-batch when ``max_batch_size`` is not set, and the fewest sequences a
+continuous batch sized from its KV cache runs."""
+
 _TORCH_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 BatchDecoding = Literal["auto", "mixed", "greedy"]
@@ -58,17 +62,19 @@ class DeploymentConfig(BaseModel):
     )
     device: str | None = Field(None, description="torch device: cpu, cuda, cuda:1, mps, auto.")
     torch_dtype: str | None = Field(None, description="One of: " + ", ".join(_TORCH_DTYPES) + ".")
-    max_batch_size: int = Field(
-        16,
+    max_batch_size: int | None = Field(
+        None,
         ge=1,
         le=1024,
-        description="Sequences decoded together, and requests per embedding batch.",
+        description="Sequences decoded together (default: as many as the KV cache holds at "
+        "128 tokens each, 16 to 64), and requests per embedding batch (default: 16).",
     )
     kv_cache_tokens: int | None = Field(
         None,
         ge=1,
         description="Tokens the paged KV cache holds, shared by all sequences (default: "
-        "128 per max_batch_size slot); never less than the context window.",
+        "128 per max_batch_size slot, 16 slots if not set); never less than the context "
+        "window.",
     )
     max_concurrent_requests: int = Field(
         64, ge=1, description="Requests admitted at once; more get HTTP 429."
@@ -106,7 +112,7 @@ class DeploymentConfig(BaseModel):
         None,
         gt=0,
         description=RAY_ONLY + "Autoscaling target of requests in flight per replica "
-        "(default: max_batch_size).",
+        "(default: max_batch_size, else 16).",
     )
     upscale_delay_s: float | None = Field(
         None,

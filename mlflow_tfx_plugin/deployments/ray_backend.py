@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from mlflow_tfx_plugin.deployments.config import DeploymentConfig, key_digest
+from mlflow_tfx_plugin.deployments.config import DEFAULT_BATCH_SIZE, DeploymentConfig, key_digest
 from mlflow_tfx_plugin.deployments.process import client_host, free_port, say, startup_timeout
 from mlflow_tfx_plugin.deployments.ray_cluster import Connection, connected, stop_head_if_unused
 from mlflow_tfx_plugin.deployments.resolve import ResolvedModel, recorded_fields, resolved_of
@@ -212,7 +212,9 @@ def _autoscaling(cfg: DeploymentConfig) -> dict[str, Any]:
     scaling: dict[str, Any] = {
         "min_replicas": 1 if cfg.min_replicas is None else cfg.min_replicas,
         "max_replicas": cfg.max_replicas,
-        "target_ongoing_requests": cfg.target_ongoing_requests or cfg.max_batch_size,
+        "target_ongoing_requests": cfg.target_ongoing_requests
+        or cfg.max_batch_size
+        or DEFAULT_BATCH_SIZE,
     }
     for key in ("upscale_delay_s", "downscale_delay_s"):
         if getattr(cfg, key) is not None:

@@ -194,7 +194,7 @@ class ServedModel:
         )
         self._embedder = MicroBatcher(
             self._encode_batch,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=settings.batch_size,
             executor=self._executor,
             on_batch=settings.on_batch,
         )

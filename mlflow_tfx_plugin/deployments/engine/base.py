@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mlflow_tfx_plugin.deployments.batching import BatchObserver
+from mlflow_tfx_plugin.deployments.config import DEFAULT_BATCH_SIZE
 from mlflow_tfx_plugin.errors import EngineError, InvalidInputError, TfxError
 from mlflow_tfx_plugin.generation import PromptResult, StreamDelta, TextGenerator
 from mlflow_tfx_plugin.protocol import GenerationParams
@@ -32,7 +33,9 @@ def _ignore_batch(size: int) -> None:
 class EngineSettings:
     """What the engines take from the deployment config."""
 
-    max_batch_size: int = 16
+    #: None: the continuous-batching engine sizes its batch from the KV cache
+    #: (:func:`~.continuous.running_batch_size`); the others use :data:`DEFAULT_BATCH_SIZE`.
+    max_batch_size: int | None = None
     max_tokens_limit: int | None = None
     kv_cache_tokens: int | None = None
     on_batch: BatchObserver = field(default=_ignore_batch)
@@ -44,6 +47,11 @@ class EngineSettings:
     #: them the engine reports unhealthy until the window allows another.
     max_loop_restarts: int = 3
     loop_restart_window_s: float = 60.0
+
+    @property
+    def batch_size(self) -> int:
+        """Items per micro-batch (generation fallback and embeddings)."""
+        return self.max_batch_size or DEFAULT_BATCH_SIZE
 
     @classmethod
     def from_config(cls, config: DeploymentConfig) -> EngineSettings:

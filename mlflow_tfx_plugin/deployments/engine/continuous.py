@@ -1,7 +1,8 @@
 """The continuous-batching engine, over transformers' continuous-batching manager.
 
-Sequences join and leave the running batch at every decoding step, and the KV cache is
-paged and sized from ``max_batch_size`` (never from a share of RAM). A lone request runs
+Sequences join and leave the running batch at every decoding step. The KV cache is paged
+and sized from ``max_batch_size`` and the context window (never from a share of RAM), and
+without ``max_batch_size`` the running batch is sized from the cache. A lone request runs
 in the manager too: alone there, a step costs what a ``generate`` step costs, as long as
 the manager's loop is the only long-lived thread running torch (:mod:`.threads`).
 Requests the manager cannot express go to the micro-batching engine (:mod:`.micro`).
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, aclosing, contextmanager, nullcontext
 from typing import Any, cast
 
+from mlflow_tfx_plugin.deployments.config import DEFAULT_BATCH_SIZE
 from mlflow_tfx_plugin.deployments.engine.base import (
     EngineSettings,
     OutputSink,
@@ -61,6 +63,8 @@ _logger = logging.getLogger(__name__)
 
 #: Default KV-cache tokens per ``max_batch_size`` slot (longer sequences share the pool).
 KV_TOKENS_PER_SEQUENCE = 128
+#: Most sequences a batch sized from its KV cache runs (each one adds to every step).
+MAX_AUTO_BATCH_SIZE = 64
 _PAGE_SIZE = 32  # small pages waste less of a small CPU cache than the default 256
 
 
@@ -461,11 +465,12 @@ class ContinuousBatchingEngine:
 
 def kv_cache_blocks(settings: EngineSettings, context_window: int) -> int:
     """Pages of the paged KV cache: ``kv_cache_tokens``, else ``KV_TOKENS_PER_SEQUENCE`` per
-    batch slot, and never less than one context window (so any single request fits).
+    batch slot (``DEFAULT_BATCH_SIZE`` slots when ``max_batch_size`` is not set), and never
+    less than one context window (so any single request fits).
 
     Sequences take pages as they grow, so one long sequence may use many slots' worth.
     """
-    tokens = settings.kv_cache_tokens or settings.max_batch_size * KV_TOKENS_PER_SEQUENCE
+    tokens = settings.kv_cache_tokens or settings.batch_size * KV_TOKENS_PER_SEQUENCE
     if tokens < context_window:
         if settings.kv_cache_tokens:
             _logger.warning(
@@ -476,6 +481,20 @@ def kv_cache_blocks(settings: EngineSettings, context_window: int) -> int:
             )
         tokens = context_window
     return math.ceil(tokens / _PAGE_SIZE)
+
+
+def running_batch_size(settings: EngineSettings, kv_cache_tokens: int) -> int:
+    """Sequences decoded together: ``max_batch_size``, else as many as the KV cache holds
+    at ``KV_TOKENS_PER_SEQUENCE`` each, from ``DEFAULT_BATCH_SIZE`` to ``MAX_AUTO_BATCH_SIZE``.
+
+    A model with a long context window gets a large cache (one window at least), which
+    then holds more short chats than a fixed 16; the scheduler still admits a sequence
+    only when the cache has room for it.
+    """
+    if settings.max_batch_size is not None:
+        return settings.max_batch_size
+    fits = kv_cache_tokens // KV_TOKENS_PER_SEQUENCE
+    return max(DEFAULT_BATCH_SIZE, min(MAX_AUTO_BATCH_SIZE, fits))
 
 
 def _is_controlled(params: GenerationParams) -> bool:
@@ -515,13 +534,15 @@ def _start_manager(
             "top_p": 0.95,
         }
     generation_config = GenerationConfig(**sampling, **common)
+    num_blocks = kv_cache_blocks(settings, generator.context_window)
+    batch_size = running_batch_size(settings, num_blocks * _PAGE_SIZE)
     cb_config = ContinuousBatchingConfig(
         page_size=_PAGE_SIZE,
-        num_blocks=kv_cache_blocks(settings, generator.context_window),
+        num_blocks=num_blocks,
         # Tokens per forward pass: longer prefills are split. The loop's buffers (attention
         # mask, indices) grow with it, and short chat prompts rarely need more.
-        max_batch_tokens=max(256, settings.max_batch_size * 32),
-        max_requests_per_batch=settings.max_batch_size,
+        max_batch_tokens=max(256, batch_size * 32),
+        max_requests_per_batch=batch_size,
         per_request_processors=not settings.greedy_only,
         auto_switch_to_flash=False,
     )
@@ -531,7 +552,7 @@ def _start_manager(
     _logger.info(
         "Paged KV cache: %d tokens for up to %d sequences.",
         cb_config.num_blocks * _PAGE_SIZE,
-        settings.max_batch_size,
+        batch_size,
     )
     manager.warmup()
     fast_sampling = install_fast_sampling(manager)

@@ -60,7 +60,7 @@ class MicroBatchingEngine:
         self._stream_executor = ThreadPoolExecutor(thread_name_prefix="tfx-stream")
         self._batcher: MicroBatcher[_GenerationItem, PromptResult] = MicroBatcher(
             self._generate_batch,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=settings.batch_size,
             executor=self._executor,
             on_batch=settings.on_batch,
         )
