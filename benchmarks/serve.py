@@ -7,7 +7,8 @@
 
 Sections (``--only``/``--skip`` take these keys):
 
-  tfx       ``mlflow deployments create -t tfx -C max_batch_size=16``, POST /v1/chat/completions
+  tfx       ``mlflow deployments create -t tfx`` (``-C max_batch_size`` with
+            ``--max-batch-size``), POST /v1/chat/completions
   mlflow    ``mlflow models serve --env-manager local`` of the same weights logged with stock
             ``mlflow.transformers.log_model(pipeline, task="llm/v1/chat")``, POST /invocations
   tfs       ``transformers serve <checkpoint dir> --device cpu``, POST /v1/chat/completions
@@ -133,8 +134,9 @@ class Bench:
     run_dir: Path
     env: dict[str, str]
     cb_num_blocks: int
-    max_batch_size: int
+    max_batch_size: int | None
     batch_decoding: str = "auto"
+    dtype: str = "float32"
 
     def n_requests(self, concurrency: int) -> int:
         return self.requests or max(2 * concurrency, 8)
@@ -154,12 +156,22 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, help="per level; default max(2*concurrency, 8)")
     parser.add_argument("--only", type=_sections, help="comma-separated sections to run")
     parser.add_argument("--skip", type=_sections, default=(), help="sections to leave out")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="tfx -C max_batch_size")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="tfx -C max_batch_size (default: unset)",
+    )
     parser.add_argument(
         "--batch-decoding",
         choices=("auto", "mixed", "greedy"),
         default="auto",
         help="tfx -C batch_decoding",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="every server's dtype (tfx -C torch_dtype, transformers serve --dtype)",
     )
     parser.add_argument("--cb-num-blocks", type=int, default=32, help="transformers serve CB")
     parser.add_argument(
@@ -337,12 +349,11 @@ def measure_levels(
 
 def bench_tfx(bench: Bench, result: ServerResult) -> None:
     uri = log_model("tfx", bench.checkpoint, bench.env)
-    config = {
-        "max_batch_size": bench.max_batch_size,
-        "batch_decoding": bench.batch_decoding,
-        "device": "cpu",
-        "timeout": 900,
-    }
+    config: dict[str, Any] = {"batch_decoding": bench.batch_decoding, "device": "cpu"}
+    config["torch_dtype"] = bench.dtype
+    config["timeout"] = 900
+    if bench.max_batch_size is not None:
+        config["max_batch_size"] = bench.max_batch_size
     with tfx_deployment("bench", uri, config, bench.env) as (base_url, rss):
         forced = {"min_tokens": NEW_TOKENS, "ignore_eos": True}
         client = {"model": "bench", "max_tokens": NEW_TOKENS, "extra_body": forced}
@@ -382,7 +393,7 @@ def bench_mlflow(bench: Bench, result: ServerResult) -> None:
 def bench_transformers(bench: Bench, result: ServerResult, *, continuous: bool) -> None:
     port = servers.free_port()
     model = str(bench.checkpoint)  # a local path; requests must name it (or nothing)
-    cmd = [str(BIN / "transformers"), "serve", model, "--device", "cpu"]
+    cmd = [str(BIN / "transformers"), "serve", model, "--device", "cpu", "--dtype", bench.dtype]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     if continuous:
         cmd += ["--continuous-batching", "--cb-num-blocks", str(bench.cb_num_blocks)]
@@ -397,9 +408,12 @@ def bench_transformers(bench: Bench, result: ServerResult, *, continuous: bool) 
         stop_timeout_s=20,
     )
     with watched(serving) as (url, rss):
-        # The request's generation_config replaces the model's; without an eos_token_id in
-        # it, continuous batching disables EOS, and min_new_tokens covers the other path.
+        # The request's generation_config goes over the model's. Continuous batching ignores
+        # min_new_tokens but takes a per-request eos_token_id: -1 matches no token (what
+        # transformers sets when a config has none); min_new_tokens covers the other path.
         generation = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
+        if continuous:
+            generation["eos_token_id"] = -1
         extra = {"generation_config": json.dumps({**generation, "do_sample": False})}
         client = {"model": model, "max_tokens": NEW_TOKENS, "extra_body": extra}
         base_url = f"{url}/v1"
@@ -462,7 +476,7 @@ def bench_generate(bench: Bench, result: ServerResult) -> None:
     levels = ",".join(str(c) for c in bench.levels)
     counts = ",".join(str(bench.n_requests(c)) for c in bench.levels)
     env = {**bench.env, "PYTHONPATH": str(BENCH_DIR)}
-    args = [str(bench.checkpoint), levels, counts, str(out)]
+    args = [str(bench.checkpoint), levels, counts, str(out), bench.dtype]
     sample = run_child([sys.executable, "-c", code, *args], env=env)
     measured = json.loads(out.read_text())
     result.levels = [LevelResult(**level) for level in measured["levels"]]
@@ -471,7 +485,9 @@ def bench_generate(bench: Bench, result: ServerResult) -> None:
     result.notes.append("left-padded batches of `concurrency` prompts; latency = its batch's time")
 
 
-def _generate_child(checkpoint: str, levels: str, counts: str, out: str) -> None:
+def _generate_child(
+    checkpoint: str, levels: str, counts: str, out: str, dtype: str = "float32"
+) -> None:
     """Child of :func:`bench_generate`: greedy, left-padded, ``NEW_TOKENS`` forced."""
     import torch
     import transformers
@@ -479,7 +495,9 @@ def _generate_child(checkpoint: str, levels: str, counts: str, out: str) -> None
     transformers.utils.logging.disable_progress_bar()  # run_child reads stderr only at exit
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=getattr(torch, dtype)
+    )
     texts = [
         tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         for p in PROMPTS
@@ -756,6 +774,7 @@ def main() -> None:
         cb_num_blocks=args.cb_num_blocks,
         max_batch_size=args.max_batch_size,
         batch_decoding=args.batch_decoding,
+        dtype=args.dtype,
     )
     results: list[ServerResult] = []
     embeddings: dict[str, Any] = {}
@@ -776,7 +795,8 @@ def main() -> None:
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     heading = (
-        f"Model: {args.model} ({checkpoint.name}); greedy, {NEW_TOKENS} new tokens forced; "
+        f"Model: {args.model} ({checkpoint.name}), {args.dtype}; greedy, {NEW_TOKENS} new "
+        "tokens forced; "
         f"{os.cpu_count()} CPUs ({platform.machine()}), load average {load_before:.1f} before "
         f"and {os.getloadavg()[0]:.1f} after the run; {args.rounds} round(s), medians; tok/s "
         "ratios at the same concurrency."

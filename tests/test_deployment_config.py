@@ -32,6 +32,7 @@ VALID = [
     ({"port": ""}, {"port": None}),
     ({"port": "none"}, {"port": None}),
     ({"max_batch_size": "4"}, {"max_batch_size": 4}),
+    ({"prefix_caching": "false"}, {"prefix_caching": False}),
     ({"timeout": "2.5"}, {"timeout": 2.5}),
     ({"max_tokens_limit": "128"}, {"max_tokens_limit": 128}),
     ({"torch_dtype": "torch.bfloat16"}, {"torch_dtype": "bfloat16"}),

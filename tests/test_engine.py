@@ -234,6 +234,41 @@ def test_more_than_16_requests_decode_together_when_the_cache_holds_them(
     assert max(sizes) > 16
 
 
+def test_prefix_caching_can_be_turned_off_and_changes_no_output(generator: TextGenerator):
+    """Prompts sharing a 2-page prefix: the same greedy answers with and without sharing."""
+    shared = "Answer briefly and politely. " * 6  # ~75 tokens; the window is 128
+    prompts = [shared + question for question in PROMPTS]
+    params = GenerationParams(max_tokens=10, temperature=0)
+    answers, matched = {}, {}
+    for caching in (True, False):
+        engine = ContinuousBatchingEngine(generator, EngineSettings(prefix_caching=caching))
+        cache = engine._manager.batch_processor.cache
+        search, found = cache.search_prefix_match, []
+
+        def recorded(*args: Any, search: Any = search, found: list = found) -> int:
+            found.append(search(*args))
+            return found[-1]
+
+        cache.search_prefix_match = recorded
+        try:
+            for _ in range(2):  # the second round finds the first round's pages
+                answers[caching] = asyncio.run(_generate_all(engine, prompts, params))
+        finally:
+            engine.close()
+        matched[caching] = max(found, default=0)
+    assert matched[True] >= 64 and matched[False] == 0  # two pages shared, or none
+    assert answers[True] == answers[False]
+    assert answers[True] == [_reference(generator, p, params) for p in prompts]
+
+
+async def _generate_all(engine, prompts: list[str], params: GenerationParams) -> list:
+    return list(
+        await asyncio.gather(
+            *(engine.generate(p, params, add_special_tokens=True) for p in prompts)
+        )
+    )
+
+
 def test_kv_cache_size_can_be_set_but_holds_a_context_window(caplog):
     assert kv_cache_blocks(EngineSettings(kv_cache_tokens=4096), 1024) == 4096 // 32
     assert kv_cache_blocks(EngineSettings(kv_cache_tokens=100), 1024) == 1024 // 32

@@ -76,6 +76,11 @@ class DeploymentConfig(BaseModel):
         "128 per max_batch_size slot, 16 slots if not set); never less than the context "
         "window.",
     )
+    prefix_caching: bool = Field(
+        True,
+        description="Reuse the KV cache of a prompt prefix (whole 32-token pages) that "
+        "another sequence computed, e.g. a shared system prompt; lossless.",
+    )
     max_concurrent_requests: int = Field(
         64, ge=1, description="Requests admitted at once; more get HTTP 429."
     )

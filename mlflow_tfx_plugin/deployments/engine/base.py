@@ -38,6 +38,9 @@ class EngineSettings:
     max_batch_size: int | None = None
     max_tokens_limit: int | None = None
     kv_cache_tokens: int | None = None
+    #: Share the KV pages of a common prompt prefix between sequences (the manager's
+    #: block sharing).
+    prefix_caching: bool = True
     on_batch: BatchObserver = field(default=_ignore_batch)
     #: A greedy-only continuous-batching loop: no per-request sampling warpers (each sorts
     #: the vocabulary every step), so greedy requests decode faster; sampled requests go
@@ -61,6 +64,7 @@ class EngineSettings:
             max_batch_size=config.max_batch_size,
             max_tokens_limit=config.max_tokens_limit,
             kv_cache_tokens=config.kv_cache_tokens,
+            prefix_caching=config.prefix_caching,
         )
 
 

@@ -445,10 +445,6 @@ class ContinuousBatchingEngine:
     def _eos_ids(self) -> set[int]:
         return self.generator.stop_token_ids
 
-    def _stop_ids(self, params: GenerationParams) -> set[int]:
-        """The tokens that end this request."""
-        return set() if params.ignore_eos else self._eos_ids
-
     @property
     def _vocab_size(self) -> int:
         return int(self.generator.model.config.get_text_config().vocab_size)
@@ -544,6 +540,7 @@ def _start_manager(
         max_batch_tokens=max(256, batch_size * 32),
         max_requests_per_batch=batch_size,
         per_request_processors=not settings.greedy_only,
+        allow_block_sharing=settings.prefix_caching,
         auto_switch_to_flash=False,
     )
     manager = model.init_continuous_batching(
