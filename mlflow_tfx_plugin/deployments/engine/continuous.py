@@ -167,7 +167,7 @@ class ContinuousBatchingEngine:
         params = runnable_params(params)
         if params.n != 1:
             raise InvalidInputError("Streaming supports n=1 only.", param="n")
-        counted: AbstractContextManager[Any] = nullcontext()  # _outputs counts its requests
+        counted: AbstractContextManager[Any] = nullcontext()  # _manager_outputs counts its requests
         if self._needs_fallback(params):
             deltas = self._fallback.stream(prompt, params, add_special_tokens=add_special_tokens)
             counted = self._admitted()
@@ -215,7 +215,7 @@ class ContinuousBatchingEngine:
             deltas = _LogprobDeltas(self.generator, controls, text_stream, ends)
         else:
             deltas = _TextDeltas(self.generator, text_stream)
-        outputs = self._outputs(input_ids, params, max_new, controls)
+        outputs = self._manager_outputs(input_ids, params, max_new, controls)
         async with aclosing(outputs):
             async for output in outputs:
                 tokens = output.generated_tokens
@@ -252,20 +252,6 @@ class ContinuousBatchingEngine:
         )
         return input_ids, controls
 
-    async def _outputs(
-        self,
-        input_ids: list[int],
-        params: GenerationParams,
-        max_new: int,
-        controls: RowControls | None = None,
-    ) -> AsyncGenerator[Any, None]:
-        """The manager's outputs for one sequence, counted in flight while they last."""
-        with self._admitted():
-            outputs = self._manager_outputs(input_ids, params, max_new, controls)
-            async with aclosing(outputs):
-                async for output in outputs:
-                    yield output
-
     @contextmanager
     def _admitted(self) -> Iterator[None]:
         """Count a request in flight while the block runs."""
@@ -284,20 +270,22 @@ class ContinuousBatchingEngine:
         max_new: int,
         controls: RowControls | None = None,
     ) -> AsyncGenerator[Any, None]:
-        """The manager's outputs for one request; leaving early cancels it in the manager."""
+        """The manager's outputs for one request, counted in flight while they last; leaving
+        early cancels it in the manager."""
         request_id = f"tfx-{uuid.uuid4().hex}"
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         finished = False
-        try:
-            sink = (asyncio.get_running_loop(), outputs)
-            self._submit(request_id, input_ids, params, max_new, sink, controls=controls)
-            while not finished:
-                output = await outputs.get()
-                raise_if_failed(output)
-                finished = output.is_finished()
-                yield output
-        finally:
-            self._forget(request_id, cancel=not finished)
+        with self._admitted():
+            try:
+                sink = (asyncio.get_running_loop(), outputs)
+                self._submit(request_id, input_ids, params, max_new, sink, controls=controls)
+                while not finished:
+                    output = await outputs.get()
+                    raise_if_failed(output)
+                    finished = output.is_finished()
+                    yield output
+            finally:
+                self._forget(request_id, cancel=not finished)
 
     def _submit(
         self,
