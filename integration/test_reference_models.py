@@ -202,6 +202,32 @@ def test_persist_stock_reference_model(hub: LocalHub, store: str):
     assert reloaded("Hello", **GREEDY) == pipe("Hello", **GREEDY)
 
 
+def test_a_corrupt_download_leaves_a_stock_reference_as_it_was(
+    hub: LocalHub, store: str, tmp_path: Path
+):
+    """Weights upload while they are hashed; on a mismatch they are deleted again, and the
+    snapshot's other files (which overwrite stock's components) were never uploaded."""
+    pipe = transformers.pipeline("text-generation", model=REPO)
+    with mlflow.start_run():
+        info = mlflow.transformers.log_model(
+            pipe, name="model", save_pretrained=False, pip_requirements=["transformers"]
+        )
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    before = {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    hub.set_faults(path_glob="*.safetensors", corrupt=True)
+
+    with (
+        patch_hf_client(hub.endpoint, tmp_path / "fresh-cache"),  # the pipeline's is complete
+        pytest.raises(IntegrityError, match="sha256"),
+    ):
+        tfx.persist_pretrained_model(info.model_uri)
+
+    after = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    assert {str(p.relative_to(after)): p.read_bytes() for p in after.rglob("*") if p.is_file()} == (
+        before
+    )
+
+
 def test_peft_reference_persists_base_weights_under_base_keys(
     hub: LocalHub, checkpoint: Path, store: str
 ):

@@ -276,8 +276,12 @@ def hash_weight_files(directory: Path) -> list[WeightEntry]:
 
 def start_hash_weight_files(directory: Path) -> PendingManifest:
     """:func:`hash_weight_files`, returning while the files are still being hashed."""
-    names = sorted(name for name in _list_files(directory) if is_weight_file(name))
-    return start_hash_files(directory, names)
+    return start_hash_files(directory, list_weight_files(directory))
+
+
+def list_weight_files(directory: Path) -> list[str]:
+    """The weight files under ``directory``, as sorted relative paths."""
+    return sorted(name for name in _list_files(directory) if is_weight_file(name))
 
 
 def sha256_of(path: Path, stop: threading.Event | None = None) -> str:

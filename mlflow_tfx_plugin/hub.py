@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,7 +235,17 @@ def verify_files(
             ``expected``'s order is named. Sizes are checked before any file is hashed.
     """
     entries = list(expected)
-    for entry in entries:
+    check_sizes(directory, entries, reference=reference)
+    checked = hash_files(directory, [entry.path for entry in entries])
+    check_hashes(entries, checked, reference=reference)
+    return checked
+
+
+def check_sizes(
+    directory: Path, expected: Sequence[WeightEntry], *, reference: HubReference | None = None
+) -> None:
+    """The cheap half of :func:`verify_files`: every expected file present, of its size."""
+    for entry in expected:
         path = directory / entry.path
         if not path.is_file():
             raise IntegrityError(
@@ -247,15 +257,22 @@ def verify_files(
                 f"'{entry.path}' has {size} bytes, but {entry.size} were recorded: the download "
                 f"is incomplete or the repo was rewritten. {_refetch_help(entry.path, reference)}"
             )
-    checked = hash_files(directory, [entry.path for entry in entries])
-    for entry, found in zip(entries, checked, strict=True):
-        if found.sha256 != entry.sha256:
+
+
+def check_hashes(
+    expected: Sequence[WeightEntry],
+    found: Sequence[WeightEntry],
+    *,
+    reference: HubReference | None = None,
+) -> None:
+    """The other half: each file's sha256 (``found``, in ``expected``'s order) as recorded."""
+    for entry, checked in zip(expected, found, strict=True):
+        if checked.sha256 != entry.sha256:
             raise IntegrityError(
-                f"'{entry.path}' has sha256 {found.sha256}, but {entry.sha256} was recorded: "
+                f"'{entry.path}' has sha256 {checked.sha256}, but {entry.sha256} was recorded: "
                 "the download is corrupt or the repo was rewritten. "
                 f"{_refetch_help(entry.path, reference)}"
             )
-    return checked
 
 
 def _refetch_help(file: str, reference: HubReference | None) -> str:

@@ -196,14 +196,15 @@ def test_a_failed_upload_leaves_the_reference_in_place_and_a_rerun_finishes(
     model = _reference_only_model(tiny_llama_dir, tmp_path / "m", expected)
     before = (model / "MLmodel").read_text()
     _persist_from(snapshot, monkeypatch)
-    real = LocalArtifactRepository.log_artifact
+    real = LocalArtifactRepository.log_artifacts
 
-    def flaky(self: Any, local_file: str, artifact_path: str | None = None) -> None:
-        if local_file.endswith(expected[3].path):
+    def flaky(self: Any, local_dir: str, artifact_path: str | None = None) -> None:
+        """A store that fills up (cannot be made to happen here for real)."""
+        if (Path(local_dir) / expected[3].path).exists():
             raise OSError(28, "No space left on device")
-        real(self, local_file, artifact_path)
+        real(self, local_dir, artifact_path)
 
-    monkeypatch.setattr(LocalArtifactRepository, "log_artifact", flaky)
+    monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", flaky)
     with pytest.raises(OSError, match="No space left") as raised:
         persist_at(str(model))
 
@@ -211,7 +212,7 @@ def test_a_failed_upload_leaves_the_reference_in_place_and_a_rerun_finishes(
     assert (model / "MLmodel").read_text() == before, "MLmodel switches only after all uploads"
     assert mlflow.models.Model.load(str(model / "MLmodel")).flavors["tfx"]["reference_only"]
 
-    monkeypatch.setattr(LocalArtifactRepository, "log_artifact", real)
+    monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", real)
     result = persist_at(str(model))
 
     assert result is not None and result.files == 4
