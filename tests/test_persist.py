@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from test_checkpoint import expected_manifest, sharded_checkpoint
 
 import mlflow_tfx_plugin as tfx
-from mlflow_tfx_plugin import _compat, persist
+from mlflow_tfx_plugin import _compat, checkpoint, persist
 from mlflow_tfx_plugin.checkpoint import WeightEntry
 from mlflow_tfx_plugin.errors import IntegrityError
 from mlflow_tfx_plugin.hub import HubReference, download_files, verify_files
@@ -185,6 +186,38 @@ def test_one_corrupt_shard_persists_nothing(
 
     assert (model / "MLmodel").read_text() == before
     assert not list((model / "model").glob("*.safetensors")), "no shard uploaded"
+
+
+def test_weight_files_upload_while_they_are_hashed(
+    tiny_llama_dir: Path, tmp_path: Path, snapshot: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The overlap that makes persisting cost about one read of the weights: a hash that
+    waits for an upload to start would wait forever if hashing came first."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    expected = expected_manifest(snapshot)
+    model = _reference_only_model(tiny_llama_dir, tmp_path / "m", expected)
+    _persist_from(snapshot, monkeypatch)
+    uploading = threading.Event()
+    real_upload, real_sha256 = LocalArtifactRepository.log_artifacts, checkpoint.sha256_of
+
+    def noted_upload(self: Any, local_dir: str, artifact_path: str | None = None) -> None:
+        uploading.set()
+        real_upload(self, local_dir, artifact_path)
+
+    def sha256_after_an_upload_started(path: Path, stop: Any = None) -> str:
+        if not uploading.wait(timeout=30):
+            raise AssertionError("no weight upload started while the weights were hashed")
+        return real_sha256(path, stop)
+
+    monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", noted_upload)
+    monkeypatch.setattr(checkpoint, "sha256_of", sha256_after_an_upload_started)
+
+    result = persist_at(str(model))
+
+    assert result is not None and result.files == 4
+    conf = mlflow.models.Model.load(str(model / "MLmodel")).flavors["tfx"]
+    assert conf["weights"] == [entry.to_dict() for entry in expected]
 
 
 def test_a_failed_upload_leaves_the_reference_in_place_and_a_rerun_finishes(
