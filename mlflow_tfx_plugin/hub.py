@@ -20,7 +20,6 @@ from mlflow_tfx_plugin.checkpoint import (
     PICKLE_WEIGHT_SUFFIXES,
     SAFETENSORS_SUFFIX,
     WeightEntry,
-    hash_files,
 )
 from mlflow_tfx_plugin.errors import (
     HubError,
@@ -216,35 +215,16 @@ def weight_manifest(reference: HubReference) -> list[WeightEntry]:
         return _manifest_from_cache(reference)
 
 
-def verify_files(
-    directory: Path, expected: Iterable[WeightEntry], *, reference: HubReference | None = None
-) -> list[WeightEntry]:
-    """Check every expected file in ``directory``: present, of the recorded size, then of
-    the recorded sha256 (hashed in parallel threads).
-
-    Args:
-        directory: the downloaded snapshot.
-        expected: the recorded manifest.
-        reference: the snapshot's repo and commit, named in the error's fix.
-
-    Returns:
-        The manifest of what was checked, in ``expected``'s order.
-
-    Raises:
-        IntegrityError: a file is missing or differs; the first such file in
-            ``expected``'s order is named. Sizes are checked before any file is hashed.
-    """
-    entries = list(expected)
-    check_sizes(directory, entries, reference=reference)
-    checked = hash_files(directory, [entry.path for entry in entries])
-    check_hashes(entries, checked, reference=reference)
-    return checked
-
-
 def check_sizes(
     directory: Path, expected: Sequence[WeightEntry], *, reference: HubReference | None = None
 ) -> None:
-    """The cheap half of :func:`verify_files`: every expected file present, of its size."""
+    """Every expected file in ``directory`` (the downloaded snapshot) present, of the
+    recorded size: checked before any file is hashed or uploaded.
+
+    Raises:
+        IntegrityError: naming the first missing or differing file, and how to fetch it
+            again from ``reference``.
+    """
     for entry in expected:
         path = directory / entry.path
         if not path.is_file():
@@ -265,7 +245,11 @@ def check_hashes(
     *,
     reference: HubReference | None = None,
 ) -> None:
-    """The other half: each file's sha256 (``found``, in ``expected``'s order) as recorded."""
+    """Each file's sha256 (``found``: hashed, in ``expected``'s order) as recorded.
+
+    Raises:
+        IntegrityError: naming the first file that differs, and how to fetch it again.
+    """
     for entry, checked in zip(expected, found, strict=True):
         if checked.sha256 != entry.sha256:
             raise IntegrityError(

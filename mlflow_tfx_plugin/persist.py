@@ -135,9 +135,10 @@ def persist_at(artifact_uri: str, *, local_mlmodel: Path | None = None) -> Persi
         _logger.info("Persisting %s into %s ...", reference, artifact_uri)
         uploads = _uploads(snapshot, config)
         hashed = {entry.path for entry in expected} or set(list_weight_files(snapshot))
-        weight_uploads = [(file, target) for file, target in uploads if file in hashed]
+        weight_uploads = [upload for upload in uploads if upload[0] in hashed]
+        other_uploads = [upload for upload in uploads if upload[0] not in hashed]
         weights = _upload_verifying(repository, snapshot, weight_uploads, expected, reference)
-        _upload(repository, snapshot, [upload for upload in uploads if upload[0] not in hashed])
+        _upload(repository, snapshot, other_uploads)
         _rewrite_mlmodel(model, config, weights, Path(scratch) / MLMODEL_FILE_NAME)
         repository.log_artifact(str(Path(scratch) / MLMODEL_FILE_NAME))  # last: the switch
     result = PersistResult(

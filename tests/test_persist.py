@@ -19,7 +19,7 @@ import mlflow_tfx_plugin as tfx
 from mlflow_tfx_plugin import _compat, checkpoint, persist
 from mlflow_tfx_plugin.checkpoint import WeightEntry
 from mlflow_tfx_plugin.errors import IntegrityError
-from mlflow_tfx_plugin.hub import HubReference, download_files, verify_files
+from mlflow_tfx_plugin.hub import HubReference, download_files
 from mlflow_tfx_plugin.persist import artifact_location, persist_at
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the Hub double's package
@@ -83,46 +83,61 @@ def snapshot(tmp_path: Path) -> Path:
     return sharded_checkpoint(tmp_path / "snapshot")
 
 
-def test_verify_files_names_the_corrupt_shard(snapshot: Path):
+@pytest.fixture
+def persisting(
+    tiny_llama_dir: Path, tmp_path: Path, snapshot: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, list[WeightEntry]]:
+    """A reference-only model of ``snapshot`` (persisted from it), and its manifest."""
     expected = expected_manifest(snapshot)
-    assert verify_files(snapshot, expected) == expected
+    model = _reference_only_model(tiny_llama_dir, tmp_path / "m", expected)
+    _persist_from(snapshot, monkeypatch)
+    return model, expected
+
+
+def test_persisting_names_the_corrupt_shard(snapshot: Path, persisting: Any):
+    model, expected = persisting
     _corrupt(snapshot / expected[2].path)
 
     with pytest.raises(IntegrityError, match=f"'{expected[2].path}' has sha256 [0-9a-f]{{64}}"):
-        verify_files(snapshot, expected)
+        persist_at(str(model))
 
 
-def test_verify_files_refuses_a_missing_shard(snapshot: Path):
-    expected = expected_manifest(snapshot)
+def test_persisting_refuses_a_missing_shard(snapshot: Path, persisting: Any):
+    model, expected = persisting
     (snapshot / expected[-1].path).unlink()
     with pytest.raises(IntegrityError, match=f"'{expected[-1].path}' is missing"):
-        verify_files(snapshot, expected)
+        persist_at(str(model))
 
 
-def test_verify_files_refuses_a_truncated_shard_before_hashing(snapshot: Path, mocker):
-    expected = expected_manifest(snapshot)
+def test_persisting_refuses_a_truncated_shard_before_hashing_or_uploading(
+    snapshot: Path, persisting: Any, mocker
+):
+    model, expected = persisting
     truncated = snapshot / expected[1].path
     truncated.write_bytes(truncated.read_bytes()[:1000])
-    hashing = mocker.patch("mlflow_tfx_plugin.hub.hash_files")
+    hashing = mocker.patch("mlflow_tfx_plugin.checkpoint.sha256_of")
+    uploading = mocker.patch.object(persist, "_upload")
 
     with pytest.raises(
         IntegrityError, match=f"'{expected[1].path}' has 1000 bytes, but {expected[1].size} were"
     ):
-        verify_files(snapshot, expected)
+        persist_at(str(model))
     hashing.assert_not_called()
+    uploading.assert_not_called()
 
 
-def test_integrity_errors_name_the_commands_that_fetch_the_file_again(snapshot: Path):
-    expected = expected_manifest(snapshot)
+def test_integrity_errors_name_the_commands_that_fetch_the_file_again(
+    snapshot: Path, persisting: Any
+):
+    model, expected = persisting
     _corrupt(snapshot / expected[0].path)
-    reference = HubReference("org/sharded", "b" * 40)
 
     with pytest.raises(IntegrityError) as raised:
-        verify_files(snapshot, expected, reference=reference)
+        persist_at(str(model))
 
     message = str(raised.value)
     assert "`hf cache rm model/org/sharded`" in message
-    assert f"`hf download org/sharded {expected[0].path} --revision {'b' * 40}" in message
+    assert f"`hf download org/sharded {expected[0].path} --revision {'a' * 40}" in message
 
 
 def _reference_only_model(checkpoint_dir: Path, path: Path, weights: list[WeightEntry]) -> Path:
