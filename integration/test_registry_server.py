@@ -9,10 +9,12 @@ the client" is emulated by starting the server with ``MLFLOW_TFX_AUTO_PERSIST=fa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -110,6 +112,35 @@ def test_register_persists_reference_before_the_version_exists(
     with patch_hf_client("http://127.0.0.1:9", tmp_path / "empty-cache"):  # no Hub, no cache
         pipe = tfx.load_model(f"models:/chat/{version.version}")
         assert pipe("Hello", **GREEDY)
+
+
+def test_a_logged_checkpoint_uploads_its_weights_through_the_server(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The weights go to the logged model's ``mlflow-artifacts:`` location over HTTP while
+    they are hashed; MLflow's copy of the other files lands beside them."""
+    from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+
+    checkpoint = tiny_models.build_gpt2(tmp_path / "gpt2")
+    uploaded: list[list[str]] = []
+    real = HttpArtifactRepository.log_artifacts
+
+    def noted(self: Any, local_dir: str, artifact_path: str | None = None) -> None:
+        uploaded.append(sorted(p.name for p in Path(local_dir).rglob("*") if p.is_file()))
+        real(self, local_dir, artifact_path)
+
+    monkeypatch.setattr(HttpArtifactRepository, "log_artifacts", noted)
+    with mlflow.start_run():
+        info = tfx.log_model(str(checkpoint), name="model")
+    [entry] = info.flavors["tfx"]["weights"]
+    assert uploaded[0] == [entry["path"]], "the weights upload on their own, first"
+    assert not any(entry["path"] in files for files in uploaded[1:]), "and only once"
+
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "dl")))
+    stored = local / "model" / entry["path"]
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == entry["sha256"]
+    assert (local / "model" / "config.json").is_file() and (local / "MLmodel").is_file()
+    assert tfx.load_model(info.model_uri)("Hello", **GREEDY)
 
 
 def test_failed_persist_creates_no_version(client_hub: LocalHub, server: str):

@@ -17,7 +17,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,11 +159,18 @@ def start_copy_checkpoint(
     *,
     hardlink: bool = False,
     convert_pickle_weights: bool = False,
+    store_weights: StoreJob | None = None,
 ) -> PendingManifest:
     """:func:`copy_checkpoint`, returning while the weight files are still copied and hashed.
 
     The small files are copied (and pickle weights converted) before it returns. Use the
     result as a context manager: leaving it waits for the worker threads.
+
+    Args:
+        store_weights: stores the safetensors files, given as paths relative to
+            ``info.path``, somewhere else (an artifact store) instead of ``destination``.
+            It runs in a worker thread while other threads hash the files where they are,
+            so the store's copy and the hash read the page cache side by side.
 
     Raises:
         UnsafeWeightsError: as :func:`copy_checkpoint`.
@@ -184,19 +191,27 @@ def start_copy_checkpoint(
             continue
         src, dst = info.path / name, destination / name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if name.endswith(SAFETENSORS_SUFFIX):
-            jobs.append(_weight_copy_job(src, dst, name, hardlink=hardlink))
-        else:
+        if not name.endswith(SAFETENSORS_SUFFIX):
             shutil.copyfile(src, dst)
+        elif store_weights is not None:
+            jobs.append(_hash_job(src, name))
+        else:
+            jobs.append(_weight_copy_job(src, dst, name, hardlink=hardlink))
     converted = []
     if info.pickle_weight_files and not info.weight_files:
         converted = _convert_pickle_weights(info, destination)
-    return PendingManifest(jobs, ready=converted)
+    stored = info.weight_files
+    if store_weights is None or not stored:
+        return PendingManifest(jobs, ready=converted)
+    return PendingManifest(jobs, ready=converted, also=[lambda stop: store_weights(stored, stop)])
 
 
 Job = Callable[[threading.Event], WeightEntry]
 """Writes and/or hashes one weight file; gives up (:class:`CopyAbandoned`) once the event
 is set."""
+
+StoreJob = Callable[[Sequence[str], threading.Event], None]
+"""Stores the named files elsewhere; should give up once the event is set."""
 
 
 class CopyAbandoned(Exception):
@@ -206,26 +221,40 @@ class CopyAbandoned(Exception):
 class PendingManifest:
     """Weight files being copied and hashed in worker threads, at most four at a time.
 
-    :meth:`result` waits for them and returns the manifest in the order the jobs were
-    given (after the ``ready`` entries). Leaving the ``with`` block (or :meth:`close`)
-    stops the jobs still running at their next chunk, cancels those not started, and
-    waits for the threads, so none outlives the directory it writes; a file left half
-    copied is removed.
+    :meth:`result` waits for them (and for the ``also`` jobs, each in a thread of its own)
+    and returns the manifest in the order the jobs were given (after the ``ready``
+    entries). Leaving the ``with`` block (or :meth:`close`) stops the jobs still running
+    at their next chunk, cancels those not started, and waits for the threads, so none
+    outlives the directory it writes; a file left half copied is removed.
     """
 
-    def __init__(self, jobs: Sequence[Job] = (), *, ready: Sequence[WeightEntry] = ()) -> None:
+    def __init__(
+        self,
+        jobs: Sequence[Job] = (),
+        *,
+        ready: Sequence[WeightEntry] = (),
+        also: Sequence[Callable[[threading.Event], None]] = (),
+    ) -> None:
         self._ready = list(ready)
         self._stop = threading.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._futures: list[Future[WeightEntry]] = []
-        if jobs:
+        self._also: list[Future[None]] = []
+        if jobs or also:
             self._executor = ThreadPoolExecutor(
-                max_workers=file_threads(len(jobs)), thread_name_prefix="tfx-hash"
+                max_workers=file_threads(len(jobs)) + len(also), thread_name_prefix="tfx-hash"
             )
+            self._also = [self._executor.submit(job, self._stop) for job in also]
             self._futures = [self._executor.submit(job, self._stop) for job in jobs]
 
     def result(self) -> list[WeightEntry]:
-        """The manifest, once every file is written and hashed; re-raises a job's error."""
+        """The manifest, once every file is written and hashed; re-raises the first error
+        of any job as soon as it happens."""
+        futures: list[Future[Any]] = [*self._also, *self._futures]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                future.result()
         return [*self._ready, *(future.result() for future in self._futures)]
 
     def close(self) -> None:

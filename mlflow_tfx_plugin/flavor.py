@@ -58,7 +58,7 @@ def save_model(
     model_card: Any = None,
     base_model_path: str | os.PathLike[str] | None = None,
     validate_serving_input: bool = True,
-    _hardlink_weights: bool = False,
+    _for_log_model: bool = False,
 ) -> None:
     """Save a Transformers model as an MLflow model in a local directory.
 
@@ -121,7 +121,7 @@ def save_model(
             input_example=input_example,
             metadata=metadata,
             code_paths=code_paths,
-            hardlink=_hardlink_weights,
+            for_log_model=_for_log_model,
             convert_pickle_weights=convert_pickle_weights,
             model_card=model_card,
             conda_env=conda_env,
@@ -163,8 +163,8 @@ def log_model(
 
     Takes the same model arguments as :func:`save_model`, plus MLflow's logging options
     (``name``, ``registered_model_name``, ``params``, ``tags``, ...). A checkpoint directory
-    is logged without loading its weights: they are hard-linked into MLflow's temporary
-    save directory where the file system allows, and streamed to the artifact store.
+    is logged without loading its weights: they upload straight into the logged model's
+    artifact location while threads hash them (deleted again if the call fails).
 
     Returns:
         The :class:`mlflow.models.model.ModelInfo` of the logged model; its
@@ -206,7 +206,7 @@ def log_model(
         base_model_path=base_model_path,
         # Validating the serving input would load the whole checkpoint we avoid loading.
         validate_serving_input=not is_checkpoint,
-        _hardlink_weights=True,
+        _for_log_model=True,
     )
 
 

@@ -16,7 +16,6 @@ import logging
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow_tfx_plugin import _compat
 from mlflow_tfx_plugin.checkpoint import (
     WeightEntry,
-    file_threads,
     is_weight_file,
     list_weight_files,
     start_hash_files,
@@ -47,6 +45,7 @@ from mlflow_tfx_plugin.hub import (
     download_files,
     weight_manifest,
 )
+from mlflow_tfx_plugin.uploads import Upload, delete_uploads, upload_files, uploaded_artifact
 
 _logger = logging.getLogger(__name__)
 _SERVER_ARTIFACTS_SCHEME = "mlflow-artifacts:"
@@ -239,7 +238,7 @@ def _fetch(reference: HubReference, config: FlavorConfig) -> tuple[Path, list[We
 def _upload_verifying(
     repository: Any,
     snapshot: Path,
-    uploads: list[tuple[str, str]],
+    uploads: list[Upload],
     expected: list[WeightEntry],
     reference: HubReference,
 ) -> list[WeightEntry]:
@@ -255,25 +254,16 @@ def _upload_verifying(
             check_hashes(expected, found, reference=reference)
         return found
     except BaseException:
-        _delete_uploads(repository, uploads)
+        delete_uploads(
+            repository,
+            [uploaded_artifact(file, target) for file, target in uploads],
+            why="the model still references its Hub snapshot, so it is unused until the next "
+            "persist replaces it.",
+        )
         raise
 
 
-def _delete_uploads(repository: Any, uploads: list[tuple[str, str]]) -> None:
-    for file, target in uploads:
-        artifact = f"{target}/{Path(file).name}" if target else Path(file).name
-        try:
-            repository.delete_artifacts(artifact)
-        except Exception as err:  # the failure being raised matters more than the leftover
-            _logger.warning(
-                "Could not delete the unverified upload '%s' (%s); the model still references "
-                "its Hub snapshot, so it is unused until the next persist replaces it.",
-                artifact,
-                err,
-            )
-
-
-def _uploads(snapshot: Path, config: FlavorConfig) -> list[tuple[str, str]]:
+def _uploads(snapshot: Path, config: FlavorConfig) -> list[Upload]:
     """(file in the snapshot, artifact dir): weights into ``model/``; for stock models the
     whole snapshot there, and its preprocessor files into ``components/<name>/`` too."""
     files = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
@@ -287,46 +277,14 @@ def _uploads(snapshot: Path, config: FlavorConfig) -> list[tuple[str, str]]:
     return uploads
 
 
-def _upload(repository: Any, snapshot: Path, uploads: list[tuple[str, str]]) -> None:
-    """Store each (file, artifact dir), a few in parallel threads; returns when all are
-    stored. On a failure the uploads not started are dropped, the running ones finish, and
-    the first failure is raised, naming its file."""
-    with (
-        tempfile.TemporaryDirectory(prefix="tfx-upload-") as staging,
-        ThreadPoolExecutor(
-            max_workers=file_threads(len(uploads)), thread_name_prefix="tfx-upload"
-        ) as pool,
-    ):
-        futures = [
-            (file, pool.submit(_upload_one, repository, snapshot / file, target, staging, i))
-            for i, (file, target) in enumerate(uploads)
-        ]
-        for file, future in futures:
-            try:
-                future.result()
-            except BaseException as err:
-                pool.shutdown(wait=True, cancel_futures=True)
-                if isinstance(err, Exception):
-                    err.add_note(
-                        f"Uploading '{file}' into the model's artifact location failed. The "
-                        "model is unchanged (still a reference to its Hub snapshot); fix the "
-                        "store, then persist or register again: that finishes the job."
-                    )
-                raise
+def _upload(repository: Any, snapshot: Path, uploads: list[Upload]) -> None:
+    upload_files(repository, snapshot, uploads, failure_note=_UPLOAD_FAILED)
 
 
-def _upload_one(repository: Any, path: Path, target: str, staging: str, index: int) -> None:
-    """``log_artifacts`` of a directory holding only a link to ``path``: the same upload as
-    ``log_artifact(path)``, 4x faster into a local store, which copies a directory's files
-    in the kernel (~0.27 s/GB here) but streams a single file through Python (~1 s/GB)."""
-    directory = Path(staging, str(index))
-    directory.mkdir()
-    try:
-        (directory / path.name).symlink_to(path.resolve())
-    except OSError:  # no symlinks here (Windows without the privilege): the plain upload
-        repository.log_artifact(str(path), artifact_path=target)
-        return
-    repository.log_artifacts(str(directory), artifact_path=target)
+_UPLOAD_FAILED = (
+    "The model is unchanged (still a reference to its Hub snapshot); fix the store, then "
+    "persist or register again: that finishes the job."
+)
 
 
 def _rewrite_mlmodel(

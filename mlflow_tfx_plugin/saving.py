@@ -14,11 +14,13 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
+import mlflow
 from mlflow import pyfunc
 from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.models.model import MLMODEL_FILE_NAME
@@ -71,6 +73,7 @@ from mlflow_tfx_plugin.tasks import (
     model_can_do,
 )
 from mlflow_tfx_plugin.tasks.base import Runner
+from mlflow_tfx_plugin.uploads import Upload, delete_uploads, upload_files, uploaded_artifact
 
 _logger = logging.getLogger(__name__)
 
@@ -101,7 +104,9 @@ class SaveOptions:
     input_example: Any = None
     metadata: dict[str, Any] | None = None
     code_paths: list[str] | None = None
-    hardlink: bool = False
+    #: Set by ``log_model``: ``path`` is MLflow's temporary directory, which it copies into
+    #: ``mlflow_model.artifact_path``, the logged model's artifact location.
+    for_log_model: bool = False
     convert_pickle_weights: bool = False
     model_card: Any = None
     conda_env: Any = None
@@ -141,6 +146,7 @@ def save(
     template = _validate_prompt_template(options.prompt_template, source.adapter)
     target = Path(path).absolute()
     _compat.validate_and_prepare_target_save_path(str(target))
+    store = _weights_store(source, mlflow_model) if options.for_log_model else None
     try:
         checked = replace(
             options,
@@ -148,9 +154,11 @@ def save(
             model_config=dict(options.model_config or {}),
             prompt_template=template,
         )
-        _write_model(source, target, mlflow_model=mlflow_model, options=checked)
+        _write_model(source, target, mlflow_model=mlflow_model, options=checked, store=store)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
+        if store is not None:
+            store.delete()
         raise
 
 
@@ -308,10 +316,17 @@ def _as_reference(source: ModelSource, checkpoint_path: Path | None) -> ModelSou
 
 
 def write_model_files(
-    source: ModelSource, path: Path, *, hardlink: bool, convert_pickle_weights: bool
+    source: ModelSource,
+    path: Path,
+    *,
+    hardlink: bool,
+    convert_pickle_weights: bool,
+    store: WeightsStore | None = None,
 ) -> PendingManifest:
     """Write ``model/`` (and ``peft/``, ``components/``); the weights manifest comes from
-    the returned handle, whose threads may still be copying and hashing weight files."""
+    the returned handle, whose threads may still be copying and hashing weight files.
+
+    With ``store``, a checkpoint's safetensors files go there instead of into ``path``."""
     model_dir = path / MODEL_DIR
     if source.reference is not None:
         pending = PendingManifest(ready=_write_reference_files(source, path))
@@ -323,6 +338,7 @@ def write_model_files(
             model_dir,
             hardlink=hardlink,
             convert_pickle_weights=convert_pickle_weights,
+            store_weights=store.upload if store is not None else None,
         )
     else:
         pending = _save_memory_components(source.components or {}, path)
@@ -541,7 +557,12 @@ def _peft_base_name(model: Any) -> str | None:
 
 
 def _write_model(
-    source: ModelSource, path: Path, *, mlflow_model: Model, options: SaveOptions
+    source: ModelSource,
+    path: Path,
+    *,
+    mlflow_model: Model,
+    options: SaveOptions,
+    store: WeightsStore | None,
 ) -> None:
     """Write a validated source: 1. files, then, while the weights are hashed in worker
     threads, 2. environment and 3. signature/example; 4. MLmodel, once the manifest is."""
@@ -550,8 +571,9 @@ def _write_model(
     with write_model_files(
         source,
         path,
-        hardlink=options.hardlink,
+        hardlink=options.for_log_model,
         convert_pickle_weights=options.convert_pickle_weights,
+        store=store,
     ) as pending:
         write_model_card(source.card_dir, path, options.model_card)
         # MLflow's requirement check (~0.5 s of Python on a first save) costs no time here.
@@ -566,8 +588,71 @@ def _write_model(
         weights = pending.result()
     config = source.flavor_config(weights=weights, torch_dtype=options.torch_dtype)
     _add_flavors(mlflow_model, config, options, code_dir)
-    mlflow_model.model_size_bytes = _directory_size(path)
+    stored = store.stored_bytes(weights) if store is not None else 0
+    mlflow_model.model_size_bytes = _directory_size(path) + stored
     mlflow_model.save(str(path / MLMODEL_FILE_NAME))
+
+
+class WeightsStore:
+    """The artifact location of the model ``log_model`` is writing, into which a
+    checkpoint's safetensors files upload while they are hashed.
+
+    Otherwise MLflow would copy them from its temporary directory after the hash (the
+    manifest in MLmodel waits for it): one read of the weights instead of two in a row.
+    MLflow's later copy of that directory adds the other files beside them.
+    """
+
+    def __init__(self, repository: Any, checkpoint_dir: Path) -> None:
+        self._repository = repository
+        self._checkpoint_dir = checkpoint_dir
+        self._uploads: list[Upload] = []
+
+    def upload(self, names: Sequence[str], stop: threading.Event) -> None:
+        """Store the named files (relative to the checkpoint) under ``model/``."""
+        self._uploads = [(name, str(PurePosixPath(MODEL_DIR, name).parent)) for name in names]
+        upload_files(
+            self._repository,
+            self._checkpoint_dir,
+            self._uploads,
+            failure_note=_UPLOAD_FAILED,
+            stop=stop,
+        )
+
+    def stored_bytes(self, weights: Sequence[WeightEntry]) -> int:
+        stored = {name for name, _ in self._uploads}
+        return sum(entry.size for entry in weights if entry.path in stored)
+
+    def delete(self) -> None:
+        """Take back what was uploaded: the failed save logs nothing."""
+        delete_uploads(
+            self._repository,
+            [uploaded_artifact(name, target) for name, target in self._uploads],
+            why="the logged model is incomplete; delete it, or log the model again.",
+        )
+
+
+_UPLOAD_FAILED = (
+    "Nothing was logged: the weight files already stored are deleted again. Fix the "
+    "artifact store (space, permissions, connection), then log the model again."
+)
+
+
+def _weights_store(source: ModelSource, mlflow_model: Model) -> WeightsStore | None:
+    """A store for a checkpoint's weights when ``mlflow_model.artifact_path`` (set by
+    ``Model.log``) opens as an artifact repository; else None, and MLflow copies them."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    if source.checkpoint is None or not source.checkpoint.weight_files:
+        return None
+    location = mlflow_model.artifact_path
+    if not location:
+        return None
+    try:
+        repository = get_artifact_repository(location, tracking_uri=mlflow.get_tracking_uri())
+    except Exception as err:  # MLflow's own copy will then fail, or succeed, as it would
+        _logger.debug("Cannot open %s (%s); MLflow copies the weights.", location, err)
+        return None
+    return WeightsStore(repository, source.checkpoint.path)
 
 
 def _add_signature_and_example(

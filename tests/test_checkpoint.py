@@ -1,4 +1,5 @@
-"""Checkpoint-path logging: no weights loaded, files copied or hard-linked, manifest exact."""
+"""Checkpoint-path logging: no weights loaded, files copied, hard-linked or uploaded while
+hashed, manifest exact, nothing left behind on failure."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import random
 import threading
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -94,7 +96,7 @@ def test_manifest_of_a_written_directory_is_exact_and_ordered(tmp_path: Path):
 
 
 def _hash_workers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("tfx-hash")]
+    return [t for t in threading.enumerate() if t.name.startswith(("tfx-hash", "tfx-upload"))]
 
 
 def test_failed_weight_copy_names_the_file_and_leaves_no_partial_copy(tmp_path: Path, mocker):
@@ -224,3 +226,107 @@ def test_model_card_and_license_from_checkpoint(tiny_gpt2_dir: Path, tmp_path: P
 
     assert "# Tiny GPT-2" in (tmp_path / "saved" / "model_card.md").read_text()
     assert "apache-2.0" in (tmp_path / "saved" / "LICENSE.txt").read_text()
+
+
+def _loggable_shards(root: Path, shards: int = 4) -> Path:
+    """:func:`sharded_checkpoint` with a config that names its architecture (logging infers
+    the pipeline from it; the random bytes are uploaded and hashed, never parsed)."""
+    sharded_checkpoint(root, shards)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def _stored_weights(tracking_uri: str) -> list[Path]:
+    """Weight files in the tracking fixture's artifact root (``tmp_path/artifacts``)."""
+    root = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts"
+    return sorted(root.rglob("*.safetensors"))
+
+
+def _weight_uploads(monkeypatch: pytest.MonkeyPatch, before_upload: Any = None) -> threading.Event:
+    """Wrap the local store's ``log_artifacts``; the event is set once a weight file stored.
+
+    ``before_upload(local_dir)`` runs first, to fail an upload the way a full store would
+    (which cannot be made to happen here for real)."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    stored = threading.Event()
+    real = LocalArtifactRepository.log_artifacts
+
+    def noted(self: Any, local_dir: str, artifact_path: str | None = None) -> None:
+        weights = any(Path(local_dir).rglob("*.safetensors"))
+        if weights and before_upload is not None:
+            before_upload(local_dir)
+        real(self, local_dir, artifact_path)
+        if weights:
+            stored.set()
+
+    monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", noted)
+    return stored
+
+
+def test_logged_checkpoint_weights_upload_while_hashed_and_load(
+    tiny_llama_dir: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+):
+    """One read of the weights: a hash that waited for the upload to finish would wait
+    forever if MLflow copied them after the hash, as it copies its temporary directory."""
+    stored = _weight_uploads(monkeypatch)
+    real_sha256 = checkpoint.sha256_of
+
+    def sha256_once_stored(path: Path, stop: threading.Event | None = None) -> str:
+        if not stored.wait(timeout=30):
+            raise AssertionError("the weights were not uploaded while they were hashed")
+        return real_sha256(path, stop)
+
+    monkeypatch.setattr(checkpoint, "sha256_of", sha256_once_stored)
+    with mlflow.start_run():
+        info = tfx.log_model(str(tiny_llama_dir), name="model")
+
+    weights = tiny_llama_dir / "model.safetensors"
+    [uploaded] = _stored_weights(tracking_uri)
+    assert uploaded.parent.name == "model" and _sha256(uploaded) == _sha256(weights)
+    assert info.flavors["tfx"]["weights"][0]["sha256"] == _sha256(weights)
+    mlmodel = mlflow.models.Model.load(info.model_uri)
+    assert mlmodel.model_size_bytes > weights.stat().st_size
+    pipe = tfx.load_model(info.model_uri)
+    assert pipe("Hello", max_new_tokens=2, do_sample=False)
+
+
+def test_a_failed_weight_upload_logs_nothing_and_names_the_file(
+    tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+):
+    ckpt = _loggable_shards(tmp_path / "ckpt")
+
+    def full_on_the_third_shard(local_dir: str) -> None:
+        if (Path(local_dir) / "model-00003-of-00004.safetensors").exists():
+            raise OSError(28, "No space left on device")
+
+    _weight_uploads(monkeypatch, before_upload=full_on_the_third_shard)
+    with mlflow.start_run(), pytest.raises(OSError, match="No space left") as raised:
+        tfx.log_model(str(ckpt), name="model", task="text-generation")
+
+    notes = " ".join(raised.value.__notes__)
+    assert (
+        "Uploading 'model-00003-of-00004.safetensors'" in notes and "log the model again" in notes
+    )
+    assert _stored_weights(tracking_uri) == [], "the shards already stored are deleted again"
+    assert not _hash_workers()
+
+
+def test_a_failed_hash_deletes_the_uploaded_weights(
+    tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+):
+    ckpt = _loggable_shards(tmp_path / "ckpt", shards=2)
+    stored = _weight_uploads(monkeypatch)
+
+    def unreadable_once_stored(path: Path, stop: threading.Event | None = None) -> str:
+        stored.wait(timeout=30)
+        raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(checkpoint, "sha256_of", unreadable_once_stored)
+    with mlflow.start_run(), pytest.raises(OSError, match="Input/output error"):
+        tfx.log_model(str(ckpt), name="model", task="text-generation")
+
+    assert stored.is_set()
+    assert _stored_weights(tracking_uri) == []
+    assert not _hash_workers()
